@@ -1,0 +1,48 @@
+"""qat-plugin: quantization-aware training as a drop-in part of Keras 3 training.
+
+>>> import numpy as np, keras, qat_plugin
+>>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="fc")])
+>>> qmodel = qat_plugin.quantize_model(model, calibration_data=np.ones((8, 4), "float32"))
+>>> [q.key for q in qat_plugin.list_quantizers(qmodel)]
+['fc/input', 'fc/weight']
+"""
+
+from qat_plugin.calibration import calibrate
+from qat_plugin.config import LayerOverride, PlacementPolicy, QuantizationSpec, get_policy
+from qat_plugin.errors import (
+    AlreadyQuantizedError,
+    CalibrationError,
+    ExportError,
+    QuantizationError,
+    SpecError,
+    UnsupportedModelError,
+)
+from qat_plugin.quantizers import TensorQuantizer
+from qat_plugin.report import QuantizerInfo, describe, list_quantizers
+from qat_plugin.transform import QuantizationReport, quantize_model
+from qat_plugin.wrappers import QuantizeWrapper, register_layer, supported_types
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyQuantizedError",
+    "CalibrationError",
+    "ExportError",
+    "LayerOverride",
+    "PlacementPolicy",
+    "QuantizationError",
+    "QuantizationReport",
+    "QuantizationSpec",
+    "QuantizeWrapper",
+    "QuantizerInfo",
+    "SpecError",
+    "TensorQuantizer",
+    "UnsupportedModelError",
+    "calibrate",
+    "describe",
+    "get_policy",
+    "list_quantizers",
+    "quantize_model",
+    "register_layer",
+    "supported_types",
+]

@@ -1,0 +1,187 @@
+"""Setting activation ranges (amax) from a few batches: max, percentile, MSE.
+
+While calibrating, every wrapper runs in float and hands the tensors its
+quantizers would see to a collector; quantization is off so each range is
+measured on the activations the FP32 model produces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import keras
+import numpy as np
+
+from qat_plugin.config import CALIBRATORS
+from qat_plugin.errors import CalibrationError
+from qat_plugin.wrappers import QuantizeWrapper, quantize_wrappers
+
+_BINS = 2048
+# A range of exactly zero (a dead channel) would divide by zero at export.
+_MIN_AMAX = 1e-6
+
+
+class RangeCollector:
+    """A running max and a histogram of |x| that grows its range as needed.
+
+    >>> c = RangeCollector()
+    >>> c.update(np.array([0.5, -2.0, 1.0]))
+    >>> c.compute_amax("max")
+    2.0
+    """
+
+    def __init__(self, bins: int = _BINS):
+        self.bins = bins
+        self.amax = 0.0
+        self.edges: np.ndarray | None = None
+        self.counts: np.ndarray | None = None
+
+    def update(self, x) -> None:
+        x = np.abs(np.asarray(x, dtype=np.float32)).ravel()
+        if x.size == 0:
+            return
+        m = float(x.max())
+        if self.edges is None or m > self.edges[-1]:
+            new_edges = np.linspace(0.0, max(m, 1e-12), self.bins + 1)
+            counts = np.zeros(self.bins)
+            if self.counts is not None:
+                # Re-bin the old histogram at its bin centres onto the wider range.
+                centers = (self.edges[:-1] + self.edges[1:]) / 2
+                counts, _ = np.histogram(centers, bins=new_edges, weights=self.counts)
+            self.edges, self.counts = new_edges, counts
+        self.counts = self.counts + np.histogram(x, bins=self.edges)[0]
+        self.amax = max(self.amax, m)
+
+    def compute_amax(self, method: str = "max", percentile: float = 99.99, bits: int = 8) -> float:
+        """The range chosen by `method` from what was collected."""
+        if self.counts is None:
+            raise CalibrationError("No values were collected for this quantizer; calibrate on at least one batch.")
+        if method == "max":
+            return self.amax
+        if method == "percentile":
+            cdf = np.cumsum(self.counts) / self.counts.sum()
+            idx = int(np.searchsorted(cdf, percentile / 100.0))
+            return float(self.edges[min(idx + 1, self.bins)])
+        if method == "mse":
+            return self._mse_amax(bits)
+        raise CalibrationError(f"Unknown calibrator {method!r}. Use one of {CALIBRATORS}.")
+
+    def _mse_amax(self, bits: int) -> float:
+        centers = (self.edges[:-1] + self.edges[1:]) / 2
+        qmax = 2 ** (bits - 1) - 1
+        # Candidates from an eighth of the observed range up to all of it.
+        candidates = self.edges[self.bins // 16 :: 8][:, None]
+        step = candidates / qmax
+        q = np.clip(np.round(centers[None, :] / step), 0, qmax) * step
+        err = ((centers[None, :] - q) ** 2 * self.counts[None, :]).sum(axis=1)
+        return float(candidates[int(np.argmin(err)), 0])
+
+
+def iterate_inputs(data, batch_size: int = 32) -> Iterator:
+    """Yield model inputs from arrays, `(x, y)` tuples, `tf.data` or iterables.
+
+    Follows Keras's conventions: a tuple is `(x, y[, sample_weight])` and
+    only `x` is used; a list or dict of arrays is one multi-input `x`.
+
+    >>> [b.shape for b in iterate_inputs(np.zeros((5, 2)), batch_size=2)]
+    [(2, 2), (2, 2), (1, 2)]
+    """
+    if isinstance(data, tuple) and 1 <= len(data) <= 3:
+        data = data[0]
+    if isinstance(data, np.ndarray) or hasattr(data, "__array__") and not hasattr(data, "__iter__"):
+        data = np.asarray(data)
+        for start in range(0, len(data), batch_size):
+            yield data[start : start + batch_size]
+        return
+    if isinstance(data, list) and data and all(isinstance(a, np.ndarray) for a in data):
+        for start in range(0, len(data[0]), batch_size):
+            yield [a[start : start + batch_size] for a in data]
+        return
+    if isinstance(data, dict):
+        n = len(next(iter(data.values())))
+        for start in range(0, n, batch_size):
+            yield {k: v[start : start + batch_size] for k, v in data.items()}
+        return
+    if isinstance(data, keras.utils.PyDataset):
+        data = (data[i] for i in range(len(data)))
+    for element in data:
+        if isinstance(element, tuple) and 1 <= len(element) <= 3:
+            element = element[0]
+        yield element
+
+
+def calibrate(
+    qmodel: keras.Model,
+    data,
+    *,
+    method: str = "max",
+    percentile: float = 99.99,
+    num_batches: int = 8,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Set every activation range of `qmodel` from a few batches of `data`.
+
+    Args:
+        qmodel: a model returned by `quantize_model`.
+        data: inputs: an array, `(x, y)`, a list/dict of arrays, a
+            `tf.data.Dataset`, a `keras.utils.PyDataset` or any iterable of
+            batches.
+        method: `"max"`, `"percentile"` or `"mse"`.
+        percentile: for `"percentile"`, e.g. 99.99.
+        num_batches: how many batches to read.
+        batch_size: batch size used to slice arrays.
+
+    Returns:
+        `{"<layer>/<input|output>": amax}` for every range that was set.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from qat_plugin import quantize_model
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    >>> qmodel = quantize_model(model)
+    >>> ranges = calibrate(qmodel, np.full((8, 4), 3.0, "float32"))
+    >>> ranges["dense/input"]
+    3.0
+    """
+    if method not in CALIBRATORS:
+        raise CalibrationError(f"Unknown calibrator {method!r}. Use one of {CALIBRATORS}.")
+    wrappers = quantize_wrappers(qmodel)
+    if not wrappers:
+        raise CalibrationError("The model has no QuantizeWrapper layers: call `quantize_model` first, then calibrate.")
+    collectors: dict[tuple[int, tuple], RangeCollector] = {}
+
+    def hook(wrapper: QuantizeWrapper, slot, tensor):
+        collectors.setdefault((id(wrapper), slot), RangeCollector()).update(keras.ops.convert_to_numpy(tensor))
+
+    for w in wrappers:
+        w._calibration_hook = hook
+    seen = 0
+    try:
+        for batch in iterate_inputs(data, batch_size):
+            if seen >= num_batches:
+                break
+            qmodel(batch, training=False)
+            seen += 1
+    finally:
+        for w in wrappers:
+            w._calibration_hook = None
+    if seen == 0:
+        raise CalibrationError("Calibration data yielded no batches; pass at least one batch of inputs.")
+
+    ranges = {}
+    for w in wrappers:
+        for row in w.quantizer_ranges():
+            if row["slot"][0] == "weight":
+                continue
+            collector = collectors.get((id(w), row["slot"]))
+            if collector is None:
+                raise CalibrationError(
+                    f"Layer {w.inner_name!r} was not reached by the calibration data, so its "
+                    f"{row['label']} range is unknown; calibrate with inputs that reach every layer."
+                )
+            amax = max(collector.compute_amax(method, percentile, row["quantizer"].bits), _MIN_AMAX)
+            w.amax_variable(row["slot"]).assign(amax)
+            ranges[f"{w.inner_name}/{row['label']}"] = float(amax)
+    return ranges
+

@@ -1,0 +1,343 @@
+"""What to quantize and where the Q/DQ nodes go: small frozen, validated configs.
+
+`QuantizationSpec` says *which* layers are quantized and how (bits,
+per-channel, calibrator); `PlacementPolicy` says *where* quantizers sit for the
+runtime the model ships to. Both are validated when built, so a mistake fails
+before any training time is spent, and both serialize to JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import keras
+
+from qat_plugin.errors import SpecError
+from qat_plugin.quantizers import check_bits
+
+CALIBRATORS = ("max", "percentile", "mse")
+
+
+def _as_tuple(value, what: str) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, (str, type)):
+        return (value,)
+    if isinstance(value, Iterable):
+        return tuple(value)
+    raise SpecError(f"`{what}` must be a string, a class or a list of them. Received: {what}={value!r}")
+
+
+def _class_names(value, what: str) -> tuple[str, ...]:
+    names = []
+    for item in _as_tuple(value, what):
+        if isinstance(item, type):
+            names.append(item.__name__)
+        elif isinstance(item, str):
+            names.append(item)
+        else:
+            raise SpecError(f"`{what}` entries must be layer classes or class names. Received: {item!r}")
+    return tuple(names)
+
+
+_TYPE_FIELD = {"layers": "layer_types", "exclude": "exclude_types"}
+
+
+def _patterns(value, what: str) -> tuple[str, ...]:
+    out = _as_tuple(value, what)
+    for item in out:
+        if not isinstance(item, str):
+            raise SpecError(
+                f"`{what}` entries must be layer names or regular expressions (strings); "
+                f"select by class with `{_TYPE_FIELD.get(what, 'layer_types')}`. "
+                f"Received: {item!r}"
+            )
+        try:
+            re.compile(item)
+        except re.error as e:
+            raise SpecError(f"`{what}` entry {item!r} is not a valid regular expression: {e}") from None
+    return out
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """Exact name, or a regular expression that matches the whole name."""
+    return pattern == name or re.fullmatch(pattern, name) is not None
+
+
+def class_matches(class_names: Iterable[str], layer) -> bool:
+    """True if the layer's class or one of its base classes has one of the names."""
+    mro = {c.__name__ for c in type(layer).__mro__}
+    return any(n in mro for n in class_names)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOverride:
+    """Per-layer exceptions to the spec's defaults.
+
+    Args:
+        weight_bits: bits for this layer's weights.
+        activation_bits: bits for this layer's inputs.
+        per_channel: per-channel (True) or per-tensor (False) weights.
+        inputs: which inputs of a multi-input layer (Add, Concatenate) get a
+            quantizer, by position; `()` quantizes none of them.
+
+    Example:
+
+    >>> LayerOverride(weight_bits=4).weight_bits
+    4
+    """
+
+    weight_bits: int | None = None
+    activation_bits: int | None = None
+    per_channel: bool | None = None
+    inputs: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        for field in ("weight_bits", "activation_bits"):
+            value = getattr(self, field)
+            if value is not None:
+                try:
+                    check_bits(value, field)
+                except ValueError as e:
+                    raise SpecError(str(e)) from None
+        if self.per_channel is not None and not isinstance(self.per_channel, bool):
+            raise SpecError(f"`per_channel` must be True, False or None. Received: per_channel={self.per_channel!r}")
+        if self.inputs is not None:
+            inputs = tuple(self.inputs)
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in inputs):
+                raise SpecError(f"`inputs` must be input positions (ints >= 0). Received: inputs={self.inputs!r}")
+            object.__setattr__(self, "inputs", inputs)
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationSpec:
+    """Which layers to quantize, and how.
+
+    The default quantizes every supported layer (full mode) with int8
+    per-channel weights and int8 per-tensor activations, calibrated with
+    `max`. Partial mode: name layers (exact names or regular expressions that
+    match whole names) or classes in `layers`/`layer_types`, or leave some in
+    FP32 with `exclude`/`exclude_types`.
+
+    Args:
+        layers: names or regexes of the layers to quantize; `None` (with no
+            `layer_types`) means every supported layer.
+        layer_types: layer classes (or class names) to quantize.
+        exclude: names or regexes of layers that stay FP32.
+        exclude_types: classes (or class names) that stay FP32.
+        weight_bits: default weight bits (4 to 8).
+        activation_bits: default activation bits (4 to 8).
+        per_channel: per-channel weight ranges (on each kind's output axis).
+        calibrator: `"max"`, `"percentile"` or `"mse"`.
+        percentile: the percentile used by the `"percentile"` calibrator.
+        calibration_batches: how many batches calibration reads.
+        overrides: `{name or regex: LayerOverride}` per-layer exceptions.
+        patterns: hooks called as `hook(model, spec)`; each returns layer
+            names (quantize their inputs) or `(name, input_positions)` pairs.
+            Like NVIDIA's `CustomQDQInsertionCase`. To save the spec as JSON,
+            register hooks with `keras.saving.register_keras_serializable`.
+        filters: a callable `layer -> bool` that must also accept a layer
+            (Keras's `model.quantize(filters=...)` convention); not saved to JSON.
+
+    Example:
+
+    >>> spec = QuantizationSpec(exclude=["dense_out"], calibrator="percentile")
+    >>> QuantizationSpec.from_json(spec.to_json()) == spec
+    True
+    """
+
+    layers: tuple[str, ...] | None = None
+    layer_types: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    exclude_types: tuple[str, ...] = ()
+    weight_bits: int = 8
+    activation_bits: int = 8
+    per_channel: bool = True
+    calibrator: str = "max"
+    percentile: float = 99.99
+    calibration_batches: int = 8
+    overrides: Mapping[str, LayerOverride] = dataclasses.field(default_factory=dict)
+    patterns: tuple[Callable, ...] = ()
+    filters: Callable | None = None
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if self.layers is not None:
+            set_("layers", _patterns(self.layers, "layers"))
+        set_("exclude", _patterns(self.exclude, "exclude"))
+        set_("layer_types", _class_names(self.layer_types, "layer_types"))
+        set_("exclude_types", _class_names(self.exclude_types, "exclude_types"))
+        for field in ("weight_bits", "activation_bits"):
+            try:
+                check_bits(getattr(self, field), field)
+            except ValueError as e:
+                raise SpecError(str(e)) from None
+        if not isinstance(self.per_channel, bool):
+            raise SpecError(f"`per_channel` must be True or False. Received: per_channel={self.per_channel!r}")
+        if self.calibrator not in CALIBRATORS:
+            raise SpecError(f"`calibrator` must be one of {CALIBRATORS}. Received: calibrator={self.calibrator!r}")
+        if not (isinstance(self.percentile, (int, float)) and 50.0 < self.percentile <= 100.0):
+            raise SpecError(f"`percentile` must be in (50, 100]. Received: percentile={self.percentile!r}")
+        if isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
+            raise SpecError(f"`calibration_batches` must be an int >= 1. Received: {self.calibration_batches!r}")
+        if not isinstance(self.overrides, Mapping):
+            raise SpecError(f"`overrides` must be a dict of name -> LayerOverride. Received: {self.overrides!r}")
+        overrides = {}
+        for key, value in self.overrides.items():
+            _patterns(key, "overrides")
+            if isinstance(value, Mapping):
+                value = LayerOverride(**value)
+            if not isinstance(value, LayerOverride):
+                raise SpecError(f"`overrides[{key!r}]` must be a LayerOverride or a dict. Received: {value!r}")
+            overrides[key] = value
+        set_("overrides", overrides)
+        patterns = tuple(self.patterns) if isinstance(self.patterns, Iterable) else (self.patterns,)
+        if not all(callable(p) for p in patterns):
+            raise SpecError(f"`patterns` must be callables `hook(model, spec)`. Received: {self.patterns!r}")
+        set_("patterns", patterns)
+        if self.filters is not None and not callable(self.filters):
+            raise SpecError(f"`filters` must be a callable `layer -> bool`. Received: filters={self.filters!r}")
+
+    @property
+    def partial(self) -> bool:
+        """True when the spec selects or excludes layers, rather than all."""
+        return bool(self.layers is not None or self.layer_types or self.exclude or self.exclude_types or self.filters)
+
+    def override_for(self, name: str) -> LayerOverride:
+        """The override that applies to `name` (exact name first, then the first regex)."""
+        if name in self.overrides:
+            return self.overrides[name]
+        for key, value in self.overrides.items():
+            if name_matches(key, name):
+                return value
+        return LayerOverride()
+
+    def replace(self, **changes) -> QuantizationSpec:
+        """A copy with some fields changed (validated again).
+
+        >>> QuantizationSpec().replace(weight_bits=4).weight_bits
+        4
+        """
+        return dataclasses.replace(self, **changes)
+
+    def get_config(self) -> dict:
+        if self.filters is not None:
+            raise SpecError(
+                "A spec with a `filters` callable can't be serialized. "
+                "Select the layers with `layers`/`layer_types` (names, regexes, classes) instead."
+            )
+        hooks = []
+        for hook in self.patterns:
+            name = keras.saving.get_registered_name(hook)
+            if keras.saving.get_registered_object(name) is not hook:
+                raise SpecError(
+                    f"Pattern hook {hook!r} can't be serialized: decorate it with "
+                    "`@keras.saving.register_keras_serializable()` so the spec can name it."
+                )
+            hooks.append(name)
+        return {
+            "layers": None if self.layers is None else list(self.layers),
+            "layer_types": list(self.layer_types),
+            "exclude": list(self.exclude),
+            "exclude_types": list(self.exclude_types),
+            "weight_bits": self.weight_bits,
+            "activation_bits": self.activation_bits,
+            "per_channel": self.per_channel,
+            "calibrator": self.calibrator,
+            "percentile": self.percentile,
+            "calibration_batches": self.calibration_batches,
+            "overrides": {k: v.to_dict() for k, v in self.overrides.items()},
+            "patterns": hooks,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> QuantizationSpec:
+        config = dict(config)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise SpecError(f"Unknown QuantizationSpec keys {unknown}. Allowed keys: {sorted(known - {'filters'})}")
+        hooks = []
+        for name in config.get("patterns", ()):
+            hook = keras.saving.get_registered_object(name)
+            if hook is None:
+                raise SpecError(
+                    f"Pattern hook {name!r} is not registered in this process: import the module that "
+                    "defines it (decorated with `@keras.saving.register_keras_serializable()`) first."
+                )
+            hooks.append(hook)
+        config["patterns"] = tuple(hooks)
+        config["overrides"] = {k: LayerOverride(**v) for k, v in config.get("overrides", {}).items()}
+        return cls(**config)
+
+    def to_json(self, **kwargs) -> str:
+        """The spec as JSON; `QuantizationSpec.from_json` reads it back."""
+        return json.dumps(self.get_config(), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantizationSpec:
+        """Read a spec from JSON text, or from a path to a `.json` file."""
+        if not text.lstrip().startswith("{"):
+            with open(text) as f:
+                text = f.read()
+        return cls.from_config(json.loads(text))
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementPolicy:
+    """Where quantizers go, for the runtime the model will ship to.
+
+    Args:
+        name: the policy's name.
+        quantize_inputs: put a quantizer on the inputs of quantized layers.
+        quantize_weights: quantize the weights of weighted layers.
+        quantize_outputs: put a quantizer on the outputs of quantized layers.
+        residual_add: for an `Add` whose inputs come from quantized weighted
+            layers: `"one_unquantized"` leaves one such input in high
+            precision so TensorRT fuses the add into that conv (NVIDIA's
+            recipe); `"all"` quantizes every input.
+
+    Example:
+
+    >>> get_policy("tensorrt").quantize_outputs
+    False
+    """
+
+    name: str
+    quantize_inputs: bool = True
+    quantize_weights: bool = True
+    quantize_outputs: bool = False
+    residual_add: str = "one_unquantized"
+
+    def __post_init__(self):
+        if self.residual_add not in ("one_unquantized", "all"):
+            raise SpecError(f"`residual_add` must be 'one_unquantized' or 'all'. Received: {self.residual_add!r}")
+        if not (self.quantize_inputs or self.quantize_weights or self.quantize_outputs):
+            raise SpecError("A placement policy must quantize inputs, weights or outputs; this one quantizes nothing.")
+
+
+# NVIDIA's TensorRT recipe: Q/DQ on the inputs and weights of conv/matmul
+# layers, on the residual input of adds, and on pooling and concat inputs.
+TENSORRT = PlacementPolicy(name="tensorrt")
+
+POLICIES: dict[str, PlacementPolicy] = {"tensorrt": TENSORRT}
+
+
+def get_policy(policy: str | PlacementPolicy) -> PlacementPolicy:
+    """Look a policy up by name, or pass a `PlacementPolicy` through.
+
+    >>> get_policy("tensorrt").name
+    'tensorrt'
+    """
+    if isinstance(policy, PlacementPolicy):
+        return policy
+    if isinstance(policy, str) and policy in POLICIES:
+        return POLICIES[policy]
+    raise SpecError(f"Unknown placement policy {policy!r}. Available: {sorted(POLICIES)}, or a PlacementPolicy instance.")

@@ -1,0 +1,327 @@
+"""`quantize_model`: clone a Keras model and wrap the layers a spec selects.
+
+Planning (which layers, which inputs, which bits) is done on the original
+model first and checked in full, so every mistake in a spec is reported before
+anything is built. The clone then swaps each selected layer for a
+`QuantizeWrapper`; nested Functional/Sequential models are cloned recursively
+and shared layers stay shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+import keras
+
+from qat_plugin.calibration import calibrate
+from qat_plugin.config import (
+    PlacementPolicy,
+    QuantizationSpec,
+    class_matches,
+    get_policy,
+    name_matches,
+)
+from qat_plugin.errors import AlreadyQuantizedError, SpecError, UnsupportedModelError
+from qat_plugin.quantizers import TensorQuantizer
+from qat_plugin.wrappers import QuantizeWrapper, layer_kind, quantize_wrappers, supported_types
+
+# Layers between a conv and an add that TensorRT fuses through.
+_FUSE_THROUGH = ("BatchNormalization", "Activation", "ReLU")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDecision:
+    """What the transform did with one layer, and why."""
+
+    name: str
+    class_name: str
+    quantized: bool
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationReport:
+    """Every layer the transform looked at: quantized or kept in FP32, with the reason.
+
+    >>> report = QuantizationReport((LayerDecision("d", "Dense", True, "selected"),))
+    >>> report.quantized
+    ['d']
+    """
+
+    layers: tuple[LayerDecision, ...]
+
+    @property
+    def quantized(self) -> list[str]:
+        return [d.name for d in self.layers if d.quantized]
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        return {d.name: d.reason for d in self.layers if not d.quantized}
+
+
+def _is_graph_model(model) -> bool:
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, (Functional, keras.Sequential))
+
+
+def check_model(model) -> None:
+    """Raise a clear error if `model` can't be cloned and wrapped."""
+    if keras.backend.backend() != "tensorflow":
+        raise UnsupportedModelError(
+            f"qat-plugin needs the TensorFlow backend; this process uses {keras.backend.backend()!r}. "
+            "Set KERAS_BACKEND=tensorflow before importing keras."
+        )
+    if not isinstance(model, keras.Model):
+        raise UnsupportedModelError(f"Expected a keras.Model. Received: {type(model).__name__}")
+    if not _is_graph_model(model):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a subclassed model: its layer graph is hidden in Python code, so it "
+            "can't be cloned and wrapped. Build it as a Functional or Sequential model (a subclassed "
+            "model used as a layer inside one is kept in FP32), or wrap its layers yourself with QuantizeWrapper."
+        )
+    if isinstance(model, keras.Sequential) and not model.built:
+        raise UnsupportedModelError(
+            "This Sequential model is not built: give it a `keras.Input(shape)` first layer, "
+            "or call it once on data, then quantize it."
+        )
+    if quantize_wrappers(model):
+        raise AlreadyQuantizedError(
+            f"Model {model.name!r} is already quantized (it holds QuantizeWrapper layers). "
+            "Quantize the original FP32 model instead, or use this one as it is."
+        )
+
+
+def _all_layers(model) -> list:
+    """Every leaf layer of `model` in graph order, descending into nested models, once each."""
+    out, seen = [], set()
+
+    def walk(m):
+        for layer in m.layers:
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            if _is_graph_model(layer):
+                walk(layer)
+            elif not isinstance(layer, keras.layers.InputLayer):
+                out.append(layer)
+
+    walk(model)
+    return out
+
+
+def _num_inputs(layer) -> int:
+    if not layer._inbound_nodes:
+        return 1
+    return len(layer._inbound_nodes[0].input_tensors)
+
+
+def _producer(tensor):
+    """The layer that made `tensor`, looking through BatchNorm/activations."""
+    while True:
+        history = getattr(tensor, "_keras_history", None)
+        if history is None:
+            return None
+        op = history.operation
+        if not class_matches(_FUSE_THROUGH, op):
+            return op
+        inputs = op._inbound_nodes[history.node_index].input_tensors
+        if not inputs:
+            return op
+        tensor = inputs[0]
+
+
+def _residual_inputs(layer, weighted_ids: set[int], policy: PlacementPolicy) -> tuple[int, ...]:
+    """Which inputs of an add to quantize (TensorRT's residual recipe).
+
+    TensorRT fuses an add into the conv that produces one of its inputs, so
+    that input stays high-precision and the others (the residual) are
+    quantized. With no conv input, every input is quantized.
+    """
+    n = _num_inputs(layer)
+    if policy.residual_add == "all" or not layer._inbound_nodes:
+        return tuple(range(n))
+    tensors = layer._inbound_nodes[0].input_tensors
+    fusible = [i for i, t in enumerate(tensors) if id(_producer(t)) in weighted_ids]
+    if not fusible:
+        return tuple(range(n))
+    keep_float = fusible[-1]
+    return tuple(i for i in range(n) if i != keep_float)
+
+
+def _check_names(spec: QuantizationSpec, layers: list) -> None:
+    names = [layer.name for layer in layers]
+    groups = [("layers", spec.layers or ()), ("exclude", spec.exclude), ("overrides", tuple(spec.overrides))]
+    for field, patterns in groups:
+        for pattern in patterns:
+            if not any(name_matches(pattern, n) for n in names):
+                close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
+                hint = f" Close matches: {close}." if close else f" Layers in the model: {names[:20]}{'...' if len(names) > 20 else ''}."
+                raise SpecError(f"`{field}` entry {pattern!r} matches no layer of the model.{hint}")
+    known = set(dir(keras.layers)) | set(supported_types()) | {c.__name__ for l in layers for c in type(l).__mro__}
+    for field, classes in (("layer_types", spec.layer_types), ("exclude_types", spec.exclude_types)):
+        for cls in classes:
+            if cls not in known:
+                close = difflib.get_close_matches(cls, sorted(known), n=5, cutoff=0.6)
+                raise SpecError(f"`{field}` entry {cls!r} is not a Keras layer class.{' Did you mean ' + str(close) + '?' if close else ''}")
+
+
+def _selected(layer, spec: QuantizationSpec) -> tuple[bool, str]:
+    name = layer.name
+    if any(name_matches(p, name) for p in spec.exclude) or class_matches(spec.exclude_types, layer):
+        return False, "excluded by the spec"
+    if spec.filters is not None and not spec.filters(layer):
+        return False, "rejected by `filters`"
+    named = spec.layers is not None and any(name_matches(p, name) for p in spec.layers)
+    typed = class_matches(spec.layer_types, layer)
+    if spec.layers is None and not spec.layer_types:
+        return (True, "selected") if layer_kind(layer) is not None else (False, "not a quantizable kind")
+    if named or typed:
+        if layer_kind(layer) is None:
+            raise SpecError(
+                f"Layer {name!r} ({type(layer).__name__}) is selected by the spec but is not a kind qat-plugin "
+                f"quantizes (supported: {supported_types()}). Quantize its inputs with a pattern hook, "
+                "or teach qat-plugin the kind with `qat_plugin.register_layer`."
+            )
+        return True, "selected"
+    return False, "not selected by the spec"
+
+
+def _hook_inputs(model, spec: QuantizationSpec, by_name: dict) -> dict[str, tuple[int, ...] | None]:
+    extra: dict[str, tuple[int, ...] | None] = {}
+    for hook in spec.patterns:
+        for item in hook(model, spec) or ():
+            name, positions = (item, None) if isinstance(item, str) else (item[0], tuple(item[1]))
+            if name not in by_name:
+                close = difflib.get_close_matches(name, list(by_name), n=5, cutoff=0.5)
+                raise SpecError(f"Pattern hook {getattr(hook, '__name__', hook)!r} returned {name!r}, which is not a layer of the model. Close matches: {close}.")
+            extra[name] = positions
+    return extra
+
+
+def plan_quantization(model: keras.Model, spec: QuantizationSpec, policy: PlacementPolicy):
+    """Decide, for every layer, which quantizers it gets.
+
+    Returns `(plan, report)`: `plan` maps `id(layer)` to the keyword
+    arguments of its `QuantizeWrapper`.
+    """
+    layers = _all_layers(model)
+    _check_names(spec, layers)
+    by_name = {layer.name: layer for layer in layers}
+    extra = _hook_inputs(model, spec, by_name)
+    selection = {id(l): _selected(l, spec) for l in layers}
+    weighted = {id(l) for l in layers if selection[id(l)][0] and layer_kind(l).weights and policy.quantize_weights}
+
+    plan, decisions = {}, []
+    for layer in layers:
+        chosen, reason = selection[id(layer)]
+        kind = layer_kind(layer) if chosen else None
+        override = spec.override_for(layer.name)
+        a_bits = override.activation_bits or spec.activation_bits
+        w_bits = override.weight_bits or spec.weight_bits
+        per_channel = spec.per_channel if override.per_channel is None else override.per_channel
+        inputs: tuple[int, ...] = ()
+        weights = {}
+        if kind is not None:
+            if policy.quantize_inputs:
+                rule = kind.inputs
+                n = _num_inputs(layer)
+                inputs = (0,) if rule == "first" else tuple(range(n)) if rule == "all" else _residual_inputs(layer, weighted, policy)
+            if policy.quantize_weights:
+                weights = {attr: TensorQuantizer(w_bits, axis if per_channel else None) for attr, axis in kind.weights}
+        if layer.name in extra:
+            inputs = tuple(sorted(set(inputs) | set(extra[layer.name] if extra[layer.name] is not None else range(_num_inputs(layer)))))
+            chosen, reason = True, "selected by a pattern hook"
+        if chosen and override.inputs is not None:
+            inputs = override.inputs
+        if chosen and inputs and max(inputs) >= _num_inputs(layer):
+            raise SpecError(f"Layer {layer.name!r} has {_num_inputs(layer)} input(s); the spec asks to quantize input(s) {inputs}.")
+        output = TensorQuantizer(a_bits) if chosen and policy.quantize_outputs else None
+        if chosen and not (inputs or weights or output):
+            chosen, reason = False, "no quantizer left after the spec's overrides"
+        if chosen:
+            slots = [TensorQuantizer(a_bits) if i in inputs else None for i in range(max(inputs) + 1)] if inputs else []
+            plan[id(layer)] = dict(input_quantizers=slots, weight_quantizers=weights, output_quantizer=output)
+        decisions.append(LayerDecision(layer.name, type(layer).__name__, chosen, reason))
+    if not plan:
+        raise SpecError(
+            f"The spec selects no quantizable layer in model {model.name!r}. Quantizable kinds: "
+            f"{supported_types()}. Check `layers`/`layer_types`/`exclude` in the spec."
+        )
+    return plan, QuantizationReport(tuple(decisions))
+
+
+def clone_and_wrap(model: keras.Model, plan: dict, *, share_weights: bool) -> keras.Model:
+    """Clone `model`, wrapping the planned layers.
+
+    With `share_weights=True` the clone reuses the original layer objects
+    (and so their variables): the in-place switch inside `fit` needs that, so
+    optimizer slots keep pointing at the same variables. Otherwise every layer
+    is rebuilt from its config and its weights are copied.
+    """
+    copies = []
+
+    def clone_function(layer):
+        new = layer if share_weights else layer.__class__.from_config(layer.get_config())
+        if not share_weights:
+            copies.append((layer, new))
+        if id(layer) in plan:
+            return QuantizeWrapper(new, **plan[id(layer)])
+        return new
+
+    qmodel = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
+    for original, new in copies:
+        new.set_weights(original.get_weights())
+    return qmodel
+
+
+def quantize_model(
+    model: keras.Model,
+    spec: QuantizationSpec | None = None,
+    policy: str | PlacementPolicy = "tensorrt",
+    calibration_data=None,
+) -> keras.Model:
+    """Return a fake-quantized copy of `model`, ready for QAT or export.
+
+    The copy's float weights equal the original's. If `calibration_data` is
+    given, activation ranges are set from it with the spec's calibrator;
+    otherwise call `qat_plugin.calibrate` before training or exporting.
+
+    Args:
+        model: a built Functional or Sequential model (nested models, shared
+            layers and multiple inputs/outputs are fine).
+        spec: a `QuantizationSpec`; default: every supported layer, int8.
+        policy: where quantizers go: `"tensorrt"` or a `PlacementPolicy`.
+        calibration_data: optional inputs to calibrate on (see `calibrate`).
+
+    Returns:
+        A new Keras model. `qmodel.qat_report` lists what was quantized and
+        what was skipped, with reasons.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, name="conv"),
+    ...                           keras.layers.Flatten(), keras.layers.Dense(10, name="head")])
+    >>> qmodel = quantize_model(model, calibration_data=np.random.rand(16, 8, 8, 1))
+    >>> qmodel.qat_report.quantized
+    ['conv', 'head']
+    """
+    spec = QuantizationSpec() if spec is None else spec
+    if not isinstance(spec, QuantizationSpec):
+        raise SpecError(f"`spec` must be a QuantizationSpec. Received: {type(spec).__name__}")
+    policy = get_policy(policy)
+    check_model(model)
+    plan, report = plan_quantization(model, spec, policy)
+    qmodel = clone_and_wrap(model, plan, share_weights=False)
+    qmodel.qat_report = report
+    if calibration_data is not None:
+        calibrate(
+            qmodel,
+            calibration_data,
+            method=spec.calibrator,
+            percentile=spec.percentile,
+            num_batches=spec.calibration_batches,
+        )
+    return qmodel

@@ -1,0 +1,276 @@
+"""The wrapper layer that fake-quantizes a Keras layer, and the table of layer kinds.
+
+Supporting a new layer kind is one `register_layer` call: which weight
+attributes it has (with their output-channel axis) and which of its inputs get
+a quantizer. `QuantizeWrapper` does the rest for every kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+from qat_plugin.quantizers import TensorQuantizer
+
+INPUT_RULES = ("first", "all", "residual")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """How one Keras layer class is quantized.
+
+    Attributes:
+        weights: `(attribute, channel_axis)` for each weight the layer's
+            `call` reads; the wrapper swaps in the fake-quantized tensor.
+        inputs: `"first"` quantizes input 0, `"all"` every input,
+            `"residual"` the inputs of an add that don't come straight from a
+            quantized conv (TensorRT fuses that one into the conv).
+    """
+
+    weights: tuple[tuple[str, int], ...] = ()
+    inputs: str = "first"
+
+
+_KINDS: dict[type, LayerKind] = {}
+
+
+def register_layer(layer_class: type, weights: Sequence[tuple[str, int]] = (), inputs: str = "first") -> None:
+    """Teach qat-plugin to quantize `layer_class`.
+
+    Args:
+        layer_class: a `keras.layers.Layer` subclass.
+        weights: `(attribute, channel_axis)` pairs, e.g. `[("kernel", -1)]`.
+            The layer's `call` must read each weight from that attribute.
+        inputs: `"first"`, `"all"` or `"residual"`.
+
+    Example:
+
+    >>> register_layer(keras.layers.MaxPooling2D, inputs="first")
+    >>> layer_kind(keras.layers.MaxPooling2D()).inputs
+    'first'
+    >>> _ = _KINDS.pop(keras.layers.MaxPooling2D)
+    """
+    if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
+        raise TypeError(f"`layer_class` must be a keras.layers.Layer subclass. Received: {layer_class!r}")
+    if inputs not in INPUT_RULES:
+        raise ValueError(f"`inputs` must be one of {INPUT_RULES}. Received: inputs={inputs!r}")
+    _KINDS[layer_class] = LayerKind(tuple((str(a), int(x)) for a, x in weights), inputs)
+
+
+def layer_kind(layer) -> LayerKind | None:
+    """The registered kind of `layer` (its own class first, then base classes)."""
+    for cls in type(layer).__mro__:
+        if cls in _KINDS:
+            return _KINDS[cls]
+    return None
+
+
+def supported_types() -> list[str]:
+    """Names of the layer classes qat-plugin knows how to quantize."""
+    return sorted(c.__name__ for c in _KINDS)
+
+
+L = keras.layers
+# Keras keeps conv/dense kernels behind a `kernel` property that reads `_kernel`.
+for _cls in (L.Conv1D, L.Conv2D, L.Conv3D, L.Dense, L.EinsumDense):
+    register_layer(_cls, [("_kernel", -1)])
+# Depthwise kernels are (h, w, in, multiplier): channel = input channel.
+register_layer(L.DepthwiseConv2D, [("kernel", 2)])
+register_layer(L.DepthwiseConv1D, [("kernel", 1)])
+register_layer(L.SeparableConv2D, [("depthwise_kernel", 2), ("pointwise_kernel", -1)])
+register_layer(L.SeparableConv1D, [("depthwise_kernel", 1), ("pointwise_kernel", -1)])
+# Transposed kernels are (..., out, in).
+for _cls in (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose):
+    register_layer(_cls, [("kernel", -2)])
+register_layer(L.Add, inputs="residual")
+register_layer(L.Concatenate, inputs="all")
+for _cls in (
+    L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
+    L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
+):
+    register_layer(_cls)
+del L, _cls
+
+
+def _weight_label(attr: str, n_weights: int) -> str:
+    return "weight" if n_weights == 1 else f"weight_{attr.lstrip('_')}"
+
+
+@keras.saving.register_keras_serializable(package="qat_plugin")
+class QuantizeWrapper(keras.layers.Wrapper):
+    """Runs a Keras layer with fake-quantized inputs, weights and/or output.
+
+    Activation ranges are non-trainable `amax` variables (set by
+    `qat_plugin.calibrate`, saved with the model). Weight ranges are the
+    kernel's absolute maximum per output channel, recomputed on every call.
+    The wrapped layer keeps its own float weights; training updates them
+    through straight-through gradients.
+
+    Args:
+        layer: the layer to wrap.
+        input_quantizers: one `TensorQuantizer` or `None` per input position.
+        weight_quantizers: `{attribute: TensorQuantizer}` for the layer's weights.
+        output_quantizer: a `TensorQuantizer` for the output, or `None`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> dense = keras.layers.Dense(4)
+    >>> q = QuantizeWrapper(dense, [TensorQuantizer(8)], {"_kernel": TensorQuantizer(8, axis=-1)})
+    >>> y = q(np.ones((2, 3), "float32"))
+    >>> q.input_amax[0].assign(1.0) and None
+    >>> tuple(q(np.ones((2, 3), "float32")).shape)
+    (2, 4)
+    """
+
+    def __init__(
+        self,
+        layer: keras.layers.Layer,
+        input_quantizers: Sequence[TensorQuantizer | None] = (),
+        weight_quantizers: dict[str, TensorQuantizer] | None = None,
+        output_quantizer: TensorQuantizer | None = None,
+        **kwargs,
+    ):
+        kwargs.setdefault("name", f"quant_{layer.name}")
+        kwargs.setdefault("dtype", layer.dtype_policy)
+        super().__init__(layer, **kwargs)
+        self.input_quantizers = [self._quantizer(q) for q in input_quantizers]
+        self.weight_quantizers = {k: self._quantizer(q) for k, q in (weight_quantizers or {}).items()}
+        self.output_quantizer = self._quantizer(output_quantizer)
+        if not (any(self.input_quantizers) or self.weight_quantizers or self.output_quantizer):
+            raise ValueError(f"QuantizeWrapper around {layer.name!r} has no quantizer: pass at least one.")
+        if getattr(layer, "lora_enabled", False):
+            raise ValueError(f"Layer {layer.name!r} has LoRA enabled; merge or disable LoRA before quantizing it.")
+        # Set by `qat_plugin.calibrate` while it reads activations; never saved.
+        self._calibration_hook: Callable | None = None
+
+    @staticmethod
+    def _quantizer(q):
+        if q is None or isinstance(q, TensorQuantizer):
+            return q
+        if isinstance(q, dict):
+            return keras.saving.deserialize_keras_object(q)
+        raise TypeError(f"Expected a TensorQuantizer or None. Received: {q!r}")
+
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        for attr in self.weight_quantizers:
+            if not hasattr(self.layer, attr):
+                raise ValueError(f"Layer {self.layer.name!r} has no weight attribute {attr!r} to quantize.")
+        self.input_amax = [
+            None if q is None else self.add_weight(name=f"input_{i}_amax", shape=(), initializer="zeros", trainable=False)
+            for i, q in enumerate(self.input_quantizers)
+        ]
+        self.output_amax = (
+            None
+            if self.output_quantizer is None
+            else self.add_weight(name="output_amax", shape=(), initializer="zeros", trainable=False)
+        )
+        self.built = True
+
+    @property
+    def inner_name(self) -> str:
+        """The wrapped layer's name, used to label its quantizers."""
+        return self.layer.name
+
+    def _quantize_inputs(self, inputs):
+        single = not isinstance(inputs, (list, tuple))
+        xs = [inputs] if single else list(inputs)
+        if len(self.input_quantizers) > len(xs):
+            raise ValueError(
+                f"{self.name} has {len(self.input_quantizers)} input quantizers but was called on {len(xs)} inputs."
+            )
+        for i, q in enumerate(self.input_quantizers):
+            if q is not None:
+                if self._calibration_hook is not None:
+                    self._calibration_hook(self, ("input", i), xs[i])
+                else:
+                    xs[i] = q.quantize(xs[i], ops.cast(self.input_amax[i], xs[i].dtype))
+        return xs[0] if single else type(inputs)(xs) if isinstance(inputs, tuple) else xs
+
+    def call(self, inputs, training=None, **kwargs):
+        if training is not None and self.layer._call_has_training_arg:
+            kwargs["training"] = training
+        x = self._quantize_inputs(inputs)
+        originals = {}
+        if self._calibration_hook is None:
+            for attr, q in self.weight_quantizers.items():
+                var = getattr(self.layer, attr)
+                originals[attr] = var
+                # Swap the fake-quantized tensor in where the layer's own
+                # `call` reads the weight; restored right after.
+                object.__setattr__(self.layer, attr, q(ops.cast(var, self.layer.compute_dtype)))
+        try:
+            y = self.layer.call(x, **kwargs)
+        finally:
+            for attr, var in originals.items():
+                object.__setattr__(self.layer, attr, var)
+        if self.output_quantizer is not None:
+            if self._calibration_hook is not None:
+                self._calibration_hook(self, ("output", 0), y)
+            else:
+                y = self.output_quantizer.quantize(y, ops.cast(self.output_amax, y.dtype))
+        return y
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def quantizer_ranges(self) -> list[dict]:
+        """Every quantizer of this layer with its current range (numpy).
+
+        Each entry: `label` (`input`, `input_1`, `weight`, `weight_<attr>`,
+        `output`), `slot` (`("input", i)`, `("weight", attr)` or
+        `("output", 0)`), `quantizer`, and `amax`.
+        """
+        rows = []
+        n_inputs = sum(q is not None for q in self.input_quantizers)
+        for i, q in enumerate(self.input_quantizers):
+            if q is not None:
+                label = "input" if n_inputs == 1 and i == 0 else f"input_{i}"
+                rows.append(dict(label=label, slot=("input", i), quantizer=q, amax=np.asarray(self.input_amax[i])))
+        for attr, q in self.weight_quantizers.items():
+            amax = np.asarray(q.compute_amax(ops.convert_to_tensor(getattr(self.layer, attr))))
+            rows.append(dict(label=_weight_label(attr, len(self.weight_quantizers)), slot=("weight", attr), quantizer=q, amax=amax))
+        if self.output_quantizer is not None:
+            rows.append(dict(label="output", slot=("output", 0), quantizer=self.output_quantizer, amax=np.asarray(self.output_amax)))
+        return rows
+
+    def amax_variable(self, slot):
+        """The variable that holds the range of an input or output slot."""
+        kind, index = slot
+        if kind == "input":
+            return self.input_amax[index]
+        if kind == "output":
+            return self.output_amax
+        raise ValueError(f"Weight ranges are computed from the kernel and have no variable. Received slot={slot!r}")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            input_quantizers=[None if q is None else keras.saving.serialize_keras_object(q) for q in self.input_quantizers],
+            weight_quantizers={k: keras.saving.serialize_keras_object(q) for k, q in self.weight_quantizers.items()},
+            output_quantizer=None if self.output_quantizer is None else keras.saving.serialize_keras_object(self.output_quantizer),
+        )
+        return config
+
+
+def quantize_wrappers(model: keras.Model) -> list[QuantizeWrapper]:
+    """Every `QuantizeWrapper` in `model`, nested models included, once each."""
+    found, seen = [], set()
+
+    def walk(layer):
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        if isinstance(layer, QuantizeWrapper):
+            found.append(layer)
+        for sub in getattr(layer, "layers", ()) or ():
+            walk(sub)
+
+    for layer in model.layers:
+        walk(layer)
+    return found
