@@ -8,6 +8,7 @@
 """
 
 from qat_plugin.calibration import calibrate
+from qat_plugin.callback import QATCallback
 from qat_plugin.config import LayerOverride, PlacementPolicy, QuantizationSpec, get_policy
 from qat_plugin.errors import (
     AlreadyQuantizedError,
@@ -15,6 +16,7 @@ from qat_plugin.errors import (
     ExportError,
     QuantizationError,
     SpecError,
+    SwapError,
     UnsupportedModelError,
 )
 from qat_plugin.quantizers import TensorQuantizer
@@ -25,6 +27,7 @@ from qat_plugin.wrappers import QuantizeWrapper, register_layer, supported_types
 __version__ = "0.1.0"
 
 __all__ = [
+    "QATCallback",
     "AlreadyQuantizedError",
     "CalibrationError",
     "ExportError",
@@ -36,6 +39,7 @@ __all__ = [
     "QuantizeWrapper",
     "QuantizerInfo",
     "SpecError",
+    "SwapError",
     "TensorQuantizer",
     "UnsupportedModelError",
     "calibrate",

@@ -28,3 +28,7 @@ class CalibrationError(QuantizationError):
 
 class ExportError(RuntimeError):
     """An export failed, or the exported file disagrees with the Keras model."""
+
+
+class SwapError(RuntimeError):
+    """The in-place switch to the quantized graph failed; the FP32 model was restored."""

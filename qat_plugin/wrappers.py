@@ -17,6 +17,8 @@ from keras import ops
 from qat_plugin.quantizers import TensorQuantizer
 
 INPUT_RULES = ("first", "all", "residual")
+# Moving-average factor for activation ranges while `track_ranges` is on.
+RANGE_MOMENTUM = 0.99
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +137,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         output_quantizer: TensorQuantizer | None = None,
         **kwargs,
     ):
-        kwargs.setdefault("name", f"quant_{layer.name}")
+        # Same name as the wrapped layer: `get_layer`, output names (and so
+        # dict-keyed losses) and spec names keep working on the quantized model.
+        kwargs.setdefault("name", layer.name)
         kwargs.setdefault("dtype", layer.dtype_policy)
         super().__init__(layer, **kwargs)
         self.input_quantizers = [self._quantizer(q) for q in input_quantizers]
@@ -147,6 +151,10 @@ class QuantizeWrapper(keras.layers.Wrapper):
             raise ValueError(f"Layer {layer.name!r} has LoRA enabled; merge or disable LoRA before quantizing it.")
         # Set by `qat_plugin.calibrate` while it reads activations; never saved.
         self._calibration_hook: Callable | None = None
+        # While True, training steps move activation ranges towards each
+        # batch's absolute maximum (moving average). Read when the train step
+        # is traced, so changing it needs a new train function.
+        self.track_ranges = False
 
     @staticmethod
     def _quantizer(q):
@@ -162,22 +170,32 @@ class QuantizeWrapper(keras.layers.Wrapper):
             if not hasattr(self.layer, attr):
                 raise ValueError(f"Layer {self.layer.name!r} has no weight attribute {attr!r} to quantize.")
         self.input_amax = [
-            None if q is None else self.add_weight(name=f"input_{i}_amax", shape=(), initializer="zeros", trainable=False)
+            None if q is None else self._add_amax(f"input_{i}_amax")
             for i, q in enumerate(self.input_quantizers)
         ]
         self.output_amax = (
             None
             if self.output_quantizer is None
-            else self.add_weight(name="output_amax", shape=(), initializer="zeros", trainable=False)
+            else self._add_amax("output_amax")
         )
         self.built = True
+
+    def _add_amax(self, name: str):
+        # "mean" lets replicas update the range under tf.distribute.
+        return self.add_weight(name=name, shape=(), initializer="zeros", trainable=False, aggregation="mean")
+
+    def _fake_quant(self, q: TensorQuantizer, amax, x, training):
+        if self.track_ranges and training:
+            batch_amax = ops.max(ops.abs(ops.cast(x, amax.dtype)))
+            amax.assign(RANGE_MOMENTUM * amax + (1.0 - RANGE_MOMENTUM) * batch_amax)
+        return q.quantize(x, ops.cast(amax, x.dtype))
 
     @property
     def inner_name(self) -> str:
         """The wrapped layer's name, used to label its quantizers."""
         return self.layer.name
 
-    def _quantize_inputs(self, inputs):
+    def _quantize_inputs(self, inputs, training):
         single = not isinstance(inputs, (list, tuple))
         xs = [inputs] if single else list(inputs)
         if len(self.input_quantizers) > len(xs):
@@ -189,13 +207,13 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 if self._calibration_hook is not None:
                     self._calibration_hook(self, ("input", i), xs[i])
                 else:
-                    xs[i] = q.quantize(xs[i], ops.cast(self.input_amax[i], xs[i].dtype))
+                    xs[i] = self._fake_quant(q, self.input_amax[i], xs[i], training)
         return xs[0] if single else type(inputs)(xs) if isinstance(inputs, tuple) else xs
 
     def call(self, inputs, training=None, **kwargs):
         if training is not None and self.layer._call_has_training_arg:
             kwargs["training"] = training
-        x = self._quantize_inputs(inputs)
+        x = self._quantize_inputs(inputs, training)
         originals = {}
         if self._calibration_hook is None:
             for attr, q in self.weight_quantizers.items():
@@ -213,7 +231,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
             if self._calibration_hook is not None:
                 self._calibration_hook(self, ("output", 0), y)
             else:
-                y = self.output_quantizer.quantize(y, ops.cast(self.output_amax, y.dtype))
+                y = self._fake_quant(self.output_quantizer, self.output_amax, y, training)
         return y
 
     def compute_output_shape(self, input_shape):

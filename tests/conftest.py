@@ -50,3 +50,4 @@ def small_cnn(input_shape=(8, 8, 1), classes=10, seed=0) -> keras.Model:
     x = L.GlobalAveragePooling2D(name="gap")(x)
     out = L.Dense(classes, name="head")(x)
     return keras.Model(inp, out, name="small_cnn")
+

@@ -65,8 +65,8 @@ def test_resnet50_inside_a_classifier(images, tmp_path):
     assert all(sum(q is not None for q in w.input_quantizers) == 1 for w in adds)
     identity_add = wrapped["conv2_block2_add"]
     assert identity_add.input_quantizers[0] is not None  # the shortcut, from the previous block's ReLU
-    assert "quant_resnet50" not in [l.name for l in qmodel.layers]  # nested model cloned, not wrapped
-    assert isinstance(qmodel.get_layer("resnet50"), keras.Model)
+    assert isinstance(qmodel.get_layer("resnet50"), keras.Model)  # nested model cloned, not wrapped
+    assert isinstance(qmodel.get_layer("head"), QuantizeWrapper)  # wrappers keep the layer's name
 
     assert_float_weights_equal(model, qmodel)
     assert all(i.calibrated for i in qp.list_quantizers(qmodel))
