@@ -36,28 +36,27 @@ the original model exactly.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import inspect
 import sys
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import keras
 import tensorflow as tf
-from keras.src import backend
 from keras.src.models.functional import Functional
 from keras.src.models.sequential import Sequential
 from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 from keras.src.ops.function import map_graph
 from keras.src.ops.node import KerasHistory
 from keras.src.optimizers.base_optimizer import BaseOptimizer
-from keras.src.optimizers.loss_scale_optimizer import LossScaleOptimizer
 from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 from keras.src.trainers.data_adapters.tf_dataset_adapter import TFDatasetAdapter
 from keras.src.utils import tracking
 
+from qat_plugin._journal import Journal
+from qat_plugin._optimizer_state import realign
 from qat_plugin.errors import QuantizationError, SwapError, UnsupportedModelError
 
 TESTED_KERAS_VERSIONS = ("3.15",)
@@ -67,12 +66,6 @@ _FIT_CODE = inspect.unwrap(TensorFlowTrainer.fit).__code__
 # objects) and the others with TF tracking on (checkpoint dependencies).
 _UNTRACKED_GRAPH_ATTRS = ("_inputs_struct", "_outputs_struct", "_inputs", "_outputs")
 _TRACKED_GRAPH_ATTRS = ("_nodes", "_nodes_by_depth", "_operations", "_operations_by_depth")
-# Containers TF's `_track_trackable` edits in place.
-_TF_DEPENDENCY_ATTRS = (
-    "_self_unconditional_checkpoint_dependencies",
-    "_self_unconditional_dependency_names",
-    "_self_unconditional_deferred_dependencies",
-)
 
 
 def swap_graph(model: keras.Model, new_model: keras.Model) -> None:
@@ -96,14 +89,14 @@ def swap_graph(model: keras.Model, new_model: keras.Model) -> None:
     """
     _warn_if_untested_keras()
     _check_swappable(model, new_model)
-    journal = _Journal()
+    journal = Journal()
     try:
         _adopt_graph(model, new_model, journal)
         _refresh_trainer(model, journal)
         optimizer = getattr(model, "optimizer", None)
         if getattr(model, "compiled", False) and optimizer is not None:
             with _strategy_scope(model):
-                _realign(optimizer, list(model.trainable_weights), journal)
+                realign(optimizer, list(model.trainable_weights), journal)
     except BaseException as exc:
         journal.rollback()  # Also on KeyboardInterrupt: never leave a half-switched model.
         if not isinstance(exc, Exception):
@@ -114,47 +107,20 @@ def swap_graph(model: keras.Model, new_model: keras.Model) -> None:
         ) from exc
 
 
-def realign_optimizer(optimizer: BaseOptimizer, variables: list) -> None:
-    """Lay a built optimizer's state out for `variables`, keeping existing slots.
-
-    Afterwards the optimizer is as if `optimizer.build(variables)` had been called
-    (same variable order, which `.keras` files rely on: optimizer state is loaded
-    by position), except that the slots of variables it already tracked are the
-    same objects, with their values. New variables get fresh slots; variables no
-    longer listed lose theirs. Nothing happens when the variables are unchanged,
-    or when the optimizer is not built yet (it builds at its first step).
-
-    Slot lists are attributes private to each optimizer class (`_momentums`,
-    `momentums`, ...), so rather than knowing them, this runs the optimizer's own
-    `build()` twice with `add_variable_from_reference` / `add_variable`
-    intercepted: on the old variables, to learn which (model variable, slot name)
-    each existing slot stands for, then on the new ones, handing back the existing
-    slot for every known pair. Variables `build()` makes directly (Nadam's
-    `_u_product`, Adafactor's placeholders) are recreated and get the old values
-    by creation order. On failure the optimizer is restored and `SwapError` raised.
-    """
-    journal = _Journal()
-    try:
-        _realign(optimizer, list(variables), journal)
-    except Exception as exc:
-        journal.rollback()
-        raise SwapError(f"Could not realign optimizer '{optimizer.name}'; it was restored. Cause: {exc}") from exc
-
-
 def rebuild_functions(model: keras.Model) -> None:
     """Retrace the step functions after a Python-level change, e.g. freezing layers.
 
     A running `fit` continues with the new train function. The optimizer is laid
-    out for the new trainable variables as `realign_optimizer` describes, so a
+    out for the new trainable variables as `_optimizer_state.realign_optimizer` describes, so a
     `.keras` file saved afterwards loads its optimizer state back, and Keras does
     not warn that the trainable state changed since `compile`.
     """
-    journal = _Journal()
+    journal = Journal()
     try:
         _refresh_trainer(model, journal)
         if getattr(model, "compiled", False) and model.optimizer is not None:
             with _strategy_scope(model):
-                _realign(model.optimizer, list(model.trainable_weights), journal)
+                realign(model.optimizer, list(model.trainable_weights), journal)
     except Exception as exc:
         journal.rollback()
         raise SwapError(f"Could not rebuild the step functions of '{model.name}'; nothing changed. Cause: {exc}") from exc
@@ -280,66 +246,10 @@ def _check_swappable(model: keras.Model, new_model: keras.Model) -> None:
             )
 
 
-# ---------------------------------------------------------------------- the journal
-
-
-class _Journal:
-    """Undo log: each object's `__dict__` is copied before its first change.
-
-    Callers never edit a container that existed before the swap; they replace it
-    with an edited copy. Restoring the copies is then a complete undo.
-    """
-
-    def __init__(self) -> None:
-        self._saved: list[tuple[object, dict]] = []
-        self._seen: set[int] = set()
-        self._isolated: set[int] = set()
-
-    def snapshot(self, obj: object) -> None:
-        if id(obj) not in self._seen:
-            self._seen.add(id(obj))
-            self._saved.append((obj, dict(vars(obj))))
-
-    def set_raw(self, obj: object, name: str, value: Any) -> None:
-        """Write an attribute as Keras does with tracking off: no Keras or TF tracking."""
-        self.snapshot(obj)
-        vars(obj)[name] = value
-
-    def set_tracked(self, obj: object, name: str, value: Any) -> None:
-        """Write an attribute as Keras does under `DotNotTrackScope`: TF records the dependency."""
-        self.isolate_tf_dependencies(obj)
-        with tracking.DotNotTrackScope():
-            setattr(obj, name, value)
-
-    def isolate_tf_dependencies(self, obj: object) -> None:
-        """Give `obj` its own copies of the containers TF's `_track_trackable` edits in place."""
-        self.snapshot(obj)
-        if id(obj) not in self._isolated:
-            self._isolated.add(id(obj))
-            vars(obj).update(_copy_state(obj))
-
-    def replace_store(self, tracker: tracking.Tracker, store: str, items: list) -> list:
-        """Point a Keras `Tracker` store at a new list of `items` and return that list."""
-        self.snapshot(tracker)
-        check, _ = tracker.config[store]
-        new_list = list(items)
-        tracker.config = {**tracker.config, store: (check, new_list)}
-        tracker.stored_ids = {**tracker.stored_ids, store: {id(x) for x in new_list}}
-        return new_list
-
-    def rollback(self) -> None:
-        while self._saved:
-            obj, saved = self._saved.pop()
-            vars(obj).clear()
-            vars(obj).update(saved)
-        self._seen.clear()
-        self._isolated.clear()
-
-
 # ------------------------------------------------------------------------ the graph
 
 
-def _adopt_graph(model: keras.Model, new_model: keras.Model, journal: _Journal) -> None:
+def _adopt_graph(model: keras.Model, new_model: keras.Model, journal: Journal) -> None:
     """Move `new_model`'s graph onto `model`, nested models first."""
     for old_nested, new_nested in _matching_nested_models(model, new_model):
         _adopt_graph(old_nested, new_nested, journal)
@@ -366,7 +276,7 @@ def _matching_nested_models(model: keras.Model, new_model: keras.Model) -> list[
     return pairs
 
 
-def _adopt_function_graph(model: Functional, new_model: Functional, journal: _Journal) -> None:
+def _adopt_function_graph(model: Functional, new_model: Functional, journal: Journal) -> None:
     old_dag = {id(op) for op in model._operations}
     for name in _UNTRACKED_GRAPH_ATTRS:
         journal.set_raw(model, name, getattr(new_model, name))
@@ -379,7 +289,7 @@ def _adopt_function_graph(model: Functional, new_model: Functional, journal: _Jo
     journal.set_raw(model, "_layers", journal.replace_store(model._tracker, "layers", _unique(layers + extras)))
 
 
-def _adopt_sequential(model: Sequential, new_model: Sequential, journal: _Journal) -> None:
+def _adopt_sequential(model: Sequential, new_model: Sequential, journal: Journal) -> None:
     old_ids = {id(x) for x in model._layers} | {id(model._functional)}
     extras = [x for x in model._tracker.config["layers"][1] if id(x) not in old_ids]
     layers = list(new_model._layers)
@@ -390,7 +300,7 @@ def _adopt_sequential(model: Sequential, new_model: Sequential, journal: _Journa
     journal.set_tracked(model, "_functional", new_model._functional)
 
 
-def _substitute_operation(owner: keras.Model, new_op, old_op, journal: _Journal) -> None:
+def _substitute_operation(owner: keras.Model, new_op, old_op, journal: Journal) -> None:
     """In `owner`'s graph, turn the calls of `new_op` into calls of `old_op`."""
     graph = _graph_of(owner)
     nodes = [n for depth in graph._nodes_by_depth.values() for n in depth if n.operation is new_op]
@@ -424,13 +334,13 @@ def _unique(items: list) -> list:
 # ---------------------------------------------------------------------- the trainer
 
 
-def _reset_step_functions(model: keras.Model, journal: _Journal) -> None:
+def _reset_step_functions(model: keras.Model, journal: Journal) -> None:
     for name in ("train_function", "test_function", "predict_function"):
         if getattr(model, name, None) is not None:
             journal.set_raw(model, name, None)
 
 
-def _refresh_trainer(model: keras.Model, journal: _Journal) -> None:
+def _refresh_trainer(model: keras.Model, journal: Journal) -> None:
     journal.snapshot(model)
     if getattr(model, "compiled", False) and hasattr(model, "_compiled_trainable_state"):
         # Otherwise Keras warns at the next fit that the (new) layers' trainable state changed.
@@ -451,178 +361,3 @@ def _strategy_scope(model: keras.Model):
     strategy = getattr(model, "_distribute_strategy", None)
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         yield
-
-
-# -------------------------------------------------------------------- the optimizer
-
-
-def _realign(optimizer: BaseOptimizer, variables: list, journal: _Journal) -> None:
-    if isinstance(optimizer, LossScaleOptimizer):
-        # Its own state (loss scale, step counter) does not depend on the variables.
-        _realign(optimizer.inner_optimizer, variables, journal)
-        if optimizer.built:
-            indices = {optimizer._var_key(v): i for i, v in enumerate(variables)}
-            journal.set_raw(optimizer, "_trainable_variables_indices", indices)
-            journal.set_raw(optimizer, "_trainable_variables", list(variables))
-        return
-    if not optimizer.built:
-        return
-    old_vars = list(optimizer._trainable_variables)
-    if [optimizer._var_key(v) for v in old_vars] == [optimizer._var_key(v) for v in variables]:
-        return  # Same variables in the same order: every slot already fits.
-    if isinstance(optimizer, keras.optimizers.MultiOptimizer):
-        raise SwapError("MultiOptimizer can't follow a change of the trainable variables.")
-    journal.snapshot(optimizer._tracker)
-    journal.isolate_tf_dependencies(optimizer)
-    original = list(optimizer._variables)
-    own = (optimizer._iterations, getattr(optimizer, "_learning_rate", None))
-    n_pre = 0  # Variables made in `__init__` (iterations, learning rate) come first.
-    while n_pre < len(original) and any(original[n_pre] is v for v in own):
-        n_pre += 1
-    saved = _copy_state(optimizer)
-
-    # Replay the original build to learn what each existing slot stands for.
-    roles = _RecordRoles(optimizer)
-    _run_build(optimizer, old_vars, original[:n_pre], roles, journal)
-    replayed, created = optimizer._variables[n_pre:], original[n_pre:]
-    if len(replayed) != len(created):
-        raise SwapError(f"replaying build() made {len(replayed)} optimizer variables, there are {len(created)}")
-    by_role, direct = {}, []
-    for stand_in, variable in zip(replayed, created):
-        role = roles.role_of(stand_in)
-        if role is None:
-            direct.append(variable)
-        elif tuple(stand_in.shape) != tuple(variable.shape):
-            raise SwapError(f"optimizer variable {variable.path} does not have its replayed shape {stand_in.shape}")
-        else:
-            by_role[role] = variable
-    vars(optimizer).clear()
-    vars(optimizer).update(_copy_state(saved))
-
-    # Build for the new variables, handing back the existing slot where there is one.
-    reuse = _ReuseSlots(optimizer, by_role)
-    with backend.name_scope(optimizer.name, caller=optimizer):
-        _run_build(optimizer, variables, original[:n_pre], reuse, journal)
-    remade = [v for v in optimizer._variables[n_pre:] if reuse.role_of(v) is None]
-    for new, old in zip(remade, direct):
-        if tuple(new.shape) == tuple(old.shape) and new.dtype == old.dtype:
-            new.assign(old)
-
-
-def _copy_state(obj_or_state) -> dict:
-    """A copy of an object's `__dict__`, with its own TF dependency containers."""
-    state = dict(obj_or_state if isinstance(obj_or_state, dict) else vars(obj_or_state))
-    for name in _TF_DEPENDENCY_ATTRS:
-        if isinstance(state.get(name), (list, dict)):
-            state[name] = type(state[name])(state[name])
-    return state
-
-
-def _run_build(optimizer: BaseOptimizer, variables: list, pre: list, hooks: _Hooks, journal: _Journal) -> None:
-    """Run `optimizer.build(variables)` from scratch with creation hooks installed."""
-    state = vars(optimizer)
-    state["_variables"] = journal.replace_store(optimizer._tracker, "variables", pre)
-    state["_trainable_variables_indices"] = tracking.TrackedDict({}, optimizer._tracker)
-    state["built"] = False
-    # Instance attributes shadow the methods, so `build()` calls the hooks.
-    state["add_variable_from_reference"], state["add_variable"] = hooks.functions()
-    try:
-        optimizer.build(variables)
-    finally:
-        state.pop("add_variable_from_reference", None)
-        state.pop("add_variable", None)
-    state["built"] = True
-
-
-class _Hooks:
-    """Intercepts an optimizer's variable creation and names each slot's role.
-
-    A role is ("ref", key of the model variable, slot name, n) for a slot made from
-    a model variable, and ("plain", name, n) for another `add_variable` call; `n`
-    counts repeats, so roles are unique. Subclasses decide what to hand out.
-    """
-
-    def __init__(self, optimizer: BaseOptimizer) -> None:
-        self.optimizer = optimizer
-        self._counts: collections.Counter = collections.Counter()
-        self._in_reference_call = 0
-        self._roles: dict[int, tuple] = {}
-        self._handed_out: list = []  # Keeps the objects alive, so their ids stay theirs.
-
-    def role_of(self, obj: Any) -> tuple | None:
-        return self._roles.get(id(obj))
-
-    def functions(self) -> tuple[Callable, Callable]:
-        real_reference = type(self.optimizer).add_variable_from_reference.__get__(self.optimizer)
-        real_plain = type(self.optimizer).add_variable.__get__(self.optimizer)
-
-        def add_variable_from_reference(reference_variable, name=None, initializer="zeros"):
-            def create():
-                return real_reference(reference_variable, name, initializer)
-
-            role = self._role(("ref", self.optimizer._var_key(reference_variable), name or "var"))
-            self._in_reference_call += 1
-            try:
-                return self._hand_out(role, reference_variable.shape, create, reference_variable)
-            finally:
-                self._in_reference_call -= 1
-
-        def add_variable(shape, initializer="zeros", dtype=None, aggregation="none", layout=None, name=None):
-            def create():
-                return real_plain(shape, initializer, dtype, aggregation, layout, name)
-
-            if self._in_reference_call:  # Made for `add_variable_from_reference`: role known.
-                return create()
-            return self._hand_out(self._role(("plain", name)), shape, create)
-
-        return add_variable_from_reference, add_variable
-
-    def _role(self, base: tuple) -> tuple:
-        self._counts[base] += 1
-        return base + (self._counts[base],)
-
-    def _hand_out(self, role: tuple, shape, create: Callable, reference=None) -> Any:
-        obj = self._provide(role, shape, create, reference)
-        self._roles[id(obj)] = role
-        self._handed_out.append(obj)
-        return obj
-
-    def _provide(self, role: tuple, shape, create: Callable, reference) -> Any:
-        raise NotImplementedError
-
-
-class _StandIn:
-    """What the replay hands out instead of a slot: its shape, no memory."""
-
-    def __init__(self, shape) -> None:
-        self.shape = tuple(shape)
-
-
-class _RecordRoles(_Hooks):
-    """Replay: hand out stand-ins, tracked in creation order."""
-
-    def _provide(self, role, shape, create, reference):
-        stand_in = _StandIn(shape)
-        self.optimizer._tracker.add_to_store("variables", stand_in)
-        return stand_in
-
-
-class _ReuseSlots(_Hooks):
-    """Rebuild: hand back the existing slot for a known role, create the others."""
-
-    def __init__(self, optimizer: BaseOptimizer, by_role: dict) -> None:
-        super().__init__(optimizer)
-        self._by_role = by_role
-
-    def _provide(self, role, shape, create, reference):
-        existing = self._by_role.get(role)
-        if existing is not None:
-            self.optimizer._tracker.add_to_store("variables", existing)
-            return existing
-        slot = create()
-        if role[0] == "ref" and role[2] == "average" and self.optimizer.use_ema:
-            # An EMA made mid-training must start at the variable, not at zero: Keras
-            # copies the variable in only at step 0, and `fit` ends by writing the
-            # averages into the model.
-            slot.assign(reference)
-        return slot

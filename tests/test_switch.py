@@ -16,8 +16,10 @@ import pytest
 from conftest import small_cnn
 
 from qat_plugin import _switch
-from qat_plugin._switch import SwapError, realign_optimizer, swap_graph
-from qat_plugin.errors import QuantizationError, UnsupportedModelError
+from qat_plugin import _optimizer_state
+from qat_plugin._optimizer_state import realign_optimizer
+from qat_plugin._switch import swap_graph
+from qat_plugin.errors import QuantizationError, SwapError, UnsupportedModelError
 
 L = keras.layers
 EPOCHS, SWITCH_EPOCH, BATCH = 4, 2, 64
@@ -367,10 +369,10 @@ def test_a_failure_part_way_restores_the_model(kind, where, digits, monkeypatch)
     if where == "trainer":
         monkeypatch.setattr(_switch, "_refresh_trainer", fail)
     else:  # Fails after some slots were created and the optimizer half rebuilt.
-        original = _switch._ReuseSlots._provide
+        original = _optimizer_state._ReuseSlots._provide
         count = iter(range(100))
         monkeypatch.setattr(
-            _switch._ReuseSlots, "_provide", lambda self, *a: fail() if next(count) == 5 else original(self, *a)
+            _optimizer_state._ReuseSlots, "_provide", lambda self, *a: fail() if next(count) == 5 else original(self, *a)
         )
     with pytest.raises(SwapError, match="restored unchanged.*boom"):
         swap_graph(model, new_model)
