@@ -3,9 +3,9 @@
     from _resnet8 import resnet8   # with benchmarks/ on sys.path
     model = resnet8(seed=0)        # logits, compile with from_logits=True
 
-`benchmarks/_tfmot_peer.py` builds the same graph, layer for layer and with the
-same layer names, in `tf_keras` (Keras 2) for TFMOT, so both sides of the QAT
-comparison train exactly the same network. Change one, change the other.
+`benchmarks/_tfmot_peer.py` builds the same graph from this function with
+`keras_module=tf_keras` (Keras 2) for TFMOT, so both sides of the QAT
+comparison train exactly the same network.
 
 Differences from the MLPerf Tiny reference, both deliberate: the input is
 MNIST-sized (28, 28, 1) rather than CIFAR's (32, 32, 3), and the head emits
@@ -17,24 +17,34 @@ has the reference's 78,666 parameters; with (28, 28, 1) it has 78,378.
 
 from __future__ import annotations
 
-import keras
+from types import ModuleType
 
 # MLPerf Tiny's ResNet-8 regularises every conv kernel with L2(1e-4) and uses
 # he_normal init; kept so the model is the published one, not a look-alike.
 _L2 = 1e-4
 
 
-def resnet8(input_shape: tuple[int, int, int] = (28, 28, 1), classes: int = 10, seed: int | None = None) -> keras.Model:
+def resnet8(
+    input_shape: tuple[int, int, int] = (28, 28, 1),
+    classes: int = 10,
+    seed: int | None = None,
+    keras_module: ModuleType | None = None,
+):
     """Conv16-BN-ReLU, three residual stacks (16/32/64 filters, strides 1/2/2), GAP, Dense.
+
+    `keras_module`: Keras 3 (`keras`, the default) or Keras 2 (`tf_keras`, for TFMOT).
 
     >>> resnet8().count_params()
     78378
     """
+    if keras_module is None:
+        import keras as keras_module
+    keras = keras_module
     if seed is not None:
         keras.utils.set_random_seed(seed)
     L = keras.layers
 
-    def conv(filters: int, kernel: int, strides: int, name: str) -> keras.layers.Layer:
+    def conv(filters: int, kernel: int, strides: int, name: str):
         return L.Conv2D(
             filters, kernel, strides=strides, padding="same", kernel_initializer="he_normal",
             kernel_regularizer=keras.regularizers.L2(_L2), name=name,

@@ -31,7 +31,6 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 # Keras 2 must be chosen before tensorflow is first imported: TF reads
@@ -48,7 +47,6 @@ if "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1":
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
 
 try:
     import tensorflow as tf  # noqa: E402
@@ -63,28 +61,14 @@ except ImportError as exc:  # a clear message beats a traceback from deep inside
 if not tf.keras.__name__.startswith("tf_keras"):
     sys.exit(f"_tfmot_peer.py: tf.keras is {tf.keras.__name__}, TFMOT needs Keras 2 (TF_USE_LEGACY_KERAS=1)")
 
-MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist10k.npz"
+# Same data loader and ResNet-8 builder as our side (this file's folder is on sys.path).
+from _data import load_mnist10k  # noqa: E402
+from _resnet8 import resnet8  # noqa: E402
 
 # Steps at the start of each phase left out of the step-time median: the first
 # runs trace and compile the train function, the next few warm caches and the
 # oneDNN primitive cache, none of which is steady-state training cost.
 WARMUP_STEPS = 10
-
-# Same L2 on conv kernels as MLPerf Tiny's ResNet-8 and benchmarks/_resnet8.py.
-RESNET8_L2 = 1e-4
-
-
-def load_mnist10k(path: Path = MNIST) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_train, y_train, x_test, y_test), images float32 (N, 28, 28, 1) in [0, 1]."""
-    if not path.exists():
-        sys.exit(f"_tfmot_peer.py: MNIST digits not found at {path}")
-    d = np.load(path)
-
-    def images(a: np.ndarray) -> np.ndarray:
-        return (a.astype("float32") / 255.0)[..., None]
-
-    return images(d["x_train"]), d["y_train"].astype("int32"), images(d["x_test"]), d["y_test"].astype("int32")
-
 
 def small_cnn(input_shape: tuple[int, int, int] = (28, 28, 1), classes: int = 10) -> tf_keras.Model:
     """tf_keras copy of qat_plugin.models.small_residual_cnn (same layers and names)."""
@@ -101,36 +85,7 @@ def small_cnn(input_shape: tuple[int, int, int] = (28, 28, 1), classes: int = 10
     return tf_keras.Model(inp, L.Dense(classes, name="head")(x), name="small_residual_cnn")
 
 
-def resnet8(input_shape: tuple[int, int, int] = (28, 28, 1), classes: int = 10) -> tf_keras.Model:
-    """tf_keras copy of benchmarks/_resnet8.resnet8 (MLPerf Tiny ResNet-8; same layers and names)."""
-    L = tf_keras.layers
-
-    def conv(filters: int, kernel: int, strides: int, name: str) -> tf_keras.layers.Layer:
-        return L.Conv2D(
-            filters, kernel, strides=strides, padding="same", kernel_initializer="he_normal",
-            kernel_regularizer=tf_keras.regularizers.L2(RESNET8_L2), name=name,
-        )
-
-    inp = tf_keras.Input(input_shape, name="image")
-    x = conv(16, 3, 1, "conv1")(inp)
-    x = L.BatchNormalization(name="bn1")(x)
-    x = L.ReLU(name="relu1")(x)
-    for i, (filters, strides) in enumerate(((16, 1), (32, 2), (64, 2)), start=1):
-        s = f"stack{i}"
-        y = conv(filters, 3, strides, f"{s}_conv1")(x)
-        y = L.BatchNormalization(name=f"{s}_bn1")(y)
-        y = L.ReLU(name=f"{s}_relu1")(y)
-        y = conv(filters, 3, 1, f"{s}_conv2")(y)
-        y = L.BatchNormalization(name=f"{s}_bn2")(y)
-        if strides > 1:
-            x = conv(filters, 1, strides, f"{s}_shortcut")(x)
-        x = L.Add(name=f"{s}_add")([x, y])
-        x = L.ReLU(name=f"{s}_relu2")(x)
-    x = L.GlobalAveragePooling2D(name="pool")(x)
-    return tf_keras.Model(inp, L.Dense(classes, name="head")(x), name="resnet8")
-
-
-MODELS = {"small_cnn": small_cnn, "resnet8": resnet8}
+MODELS = {"small_cnn": small_cnn, "resnet8": lambda: resnet8(keras_module=tf_keras)}
 
 
 class StepTimer(tf_keras.callbacks.Callback):

@@ -19,6 +19,7 @@ from qat_plugin.errors import (
     SwapError,
     UnsupportedModelError,
 )
+from qat_plugin.export.onnx import export_onnx, qdq_pairs, run_onnx
 from qat_plugin.quantizers import TensorQuantizer
 from qat_plugin.report import QuantizerInfo, describe, list_quantizers
 from qat_plugin.transform import QuantizationReport, quantize_model
@@ -44,9 +45,12 @@ __all__ = [
     "UnsupportedModelError",
     "calibrate",
     "describe",
+    "export_onnx",
     "get_policy",
     "list_quantizers",
+    "qdq_pairs",
     "quantize_model",
     "register_layer",
+    "run_onnx",
     "supported_types",
 ]

@@ -1,0 +1,442 @@
+"""The ONNX graph pass behind `export_onnx`, and `qdq_pairs`, which reads Q/DQ pairs back.
+
+tf2onnx turns every fake-quant op into QuantizeLinear -> DequantizeLinear but
+leaves three things a deployable file can't have; `rewrite_qdq` fixes them:
+
+* Weights stay float32 behind a QuantizeLinear, so the file is as large as the
+  FP32 one. Each becomes an int8 initializer feeding DequantizeLinear,
+  computed in numpy exactly as QuantizeLinear would (round half to even,
+  saturate), so no number changes.
+* Depthwise, separable and 1-D kernels reach their Conv through Reshape/
+  Transpose/Unsqueeze after the DequantizeLinear. TensorRT wants the
+  DequantizeLinear on the weight input itself, so those layout ops are applied
+  to the int8 array and the per-channel scales follow (repeated once per
+  depth multiplier) onto the Conv's output-channel axis.
+* Activation pairs are split by a Transpose/Reshape/Squeeze that tf2onnx
+  pushed between them. The per-tensor QuantizeLinear moves after it (exact:
+  it commutes with moving elements), so every pair is adjacent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+
+import numpy as np
+
+from qat_plugin.errors import ExportError
+from qat_plugin.quantizers import qmax
+
+# Ops that only move elements: they commute with a per-tensor Q or DQ, and
+# numpy can apply them to a constant.
+_LAYOUT_OPS = ("Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def _require(module: str, package: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"ONNX export needs `{package}`: pip install {package}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class QDQPair:
+    """One DequantizeLinear node: what feeds it, what reads it, its parameters.
+
+    Attributes:
+        name: the DequantizeLinear node's name.
+        kind: `"weight"` (fed by a constant) or `"activation"`.
+        producer: `"initializer"`, `"QuantizeLinear"`, or the op type in
+            between (e.g. a Concat of tensors quantized with one scale).
+        consumers: `(op_type, input_index)` of every node that reads it;
+            a weight's is `("Conv", 1)`, `("ConvTranspose", 1)` or `("MatMul", 1)`.
+        dtype: the quantized type, e.g. `"int8"`.
+        zero_point: the zero point values, flattened.
+        scale: the scale values, flattened.
+        scale_shape: `()` per tensor, `(channels,)` per channel.
+        axis: the channel axis of a per-channel scale, else `None`.
+        weight_shape: the constant's shape for a weight, else `None`.
+    """
+
+    name: str
+    kind: str
+    producer: str
+    consumers: tuple[tuple[str, int], ...]
+    dtype: str
+    zero_point: tuple[int, ...]
+    scale: tuple[float, ...]
+    scale_shape: tuple[int, ...]
+    axis: int | None
+    weight_shape: tuple[int, ...] | None = None
+
+    @property
+    def consumer_types(self) -> tuple[str, ...]:
+        return tuple(op for op, _ in self.consumers)
+
+
+# ------------------------------------------------------------------ the graph pass
+
+
+class _Graph:
+    """An ONNX GraphProto with producer/consumer lookups, rebuilt after each edit."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        self._shared: dict[tuple, str] = {}
+        self.reindex()
+
+    def reindex(self) -> None:
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in self.graph.node:
+            for i, name in enumerate(n.input):
+                self.consumers.setdefault(name, []).append((n, i))
+        self.outputs = {o.name for o in self.graph.output}
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or a Constant node's output, else None."""
+        from onnx import numpy_helper
+
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant" and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    def fresh(self, base: str) -> str:
+        """`base`, or `base_<n>` if a node or tensor already has that name."""
+        taken = set(self.inits) | set(self.producer) | {n.name for n in self.graph.node}
+        taken |= {i.name for i in self.graph.input}
+        name, n = base, 0
+        while name in taken:
+            n += 1
+            name = f"{base}_{n}"
+        return name
+
+    def add_init(self, base: str, value: np.ndarray) -> str:
+        """A new initializer; equal small ones (zero points) are shared, for a smaller file."""
+        from onnx import numpy_helper
+
+        value = np.asarray(value)
+        key = (value.dtype.str, value.shape, value.tobytes()) if value.size <= 4096 else None
+        if key in self._shared:
+            return self._shared[key]
+        name = self.fresh(base)
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        self.inits[name] = self.graph.initializer[-1]
+        if key is not None:
+            self._shared[key] = name
+        return name
+
+
+def _attr(node, name: str, default=None):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _apply_layout(g: _Graph, node, a: np.ndarray) -> np.ndarray | None:
+    """Apply a layout op to a constant array; None if its parameters aren't constant."""
+    op = node.op_type
+    if op == "Identity":
+        return a
+    if op == "Transpose":
+        return np.transpose(a, _attr(node, "perm"))
+    if op == "Flatten":
+        axis = _attr(node, "axis", 1) % max(a.ndim, 1)
+        return a.reshape(int(np.prod(a.shape[:axis])), -1)
+    if op == "Reshape":
+        shape = g.const(node.input[1])
+        if shape is None:
+            return None
+        shape = [int(d) for d in shape]
+        if not _attr(node, "allowzero", 0):  # 0 copies the input's dimension
+            shape = [a.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+        return a.reshape(shape)
+    # Squeeze/Unsqueeze: axes are an input from opset 13, an attribute before.
+    axes = g.const(node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "axes")
+    if op == "Squeeze":
+        return np.squeeze(a, None if axes is None else tuple(int(x) for x in axes))
+    if op == "Unsqueeze" and axes is not None:
+        rank = a.ndim + len(axes)
+        for ax in sorted(int(x) % rank for x in axes):
+            a = np.expand_dims(a, ax)
+        return a
+    return None
+
+
+def _channel_line(index: np.ndarray | None) -> tuple[int | None, np.ndarray | None] | None:
+    """Where per-channel scales sit after layout ops.
+
+    `index` holds, for every weight element, the channel whose scale it uses
+    (`None` for a per-tensor weight). Returns `(None, None)` for one scale,
+    `(None, [c])` when every element uses channel `c`, `(axis, channels)` when
+    the channel varies along one axis only, or None when no ONNX axis fits.
+    """
+    if index is None:
+        return None, None
+    if np.all(index == index.flat[0]):
+        return None, index.reshape(-1)[:1]
+    varying = [ax for ax in range(index.ndim) if np.any(np.diff(index, axis=ax) != 0)]
+    if len(varying) != 1:
+        return None
+    ax = varying[0]
+    line = index[tuple(slice(None) if i == ax else 0 for i in range(index.ndim))]
+    return ax, line
+
+
+def quantize_like_onnx(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None) -> np.ndarray:
+    """ONNX QuantizeLinear in numpy: `saturate(round_half_even(w / scale) + zero_point)`.
+
+    >>> quantize_like_onnx(np.array([0.5, 1.5, -3.0, 300.0], "float32"), np.float32(1.0), np.int8(0), None).tolist()
+    [0, 2, -3, 127]
+    """
+    shape = [1] * w.ndim
+    if axis is not None and np.ndim(scale) == 1:
+        shape[axis] = -1
+    s = np.asarray(scale, np.float32).reshape(shape if np.ndim(scale) else ())
+    z = np.asarray(zero_point).astype(np.int64).reshape(shape if np.ndim(zero_point) else ())
+    info = np.iinfo(np.asarray(zero_point).dtype)
+    # float32 division, then rint (half to even): onnxruntime's own arithmetic.
+    q = np.rint(np.asarray(w, np.float32) / s).astype(np.int64) + z
+    return np.clip(q, info.min, info.max).astype(np.asarray(zero_point).dtype)
+
+
+def _fold_weight(g: _Graph, dq, bits: int | None) -> bool:
+    """`float -> Q -> [layout] -> DQ -> [layout] -> op` becomes `int8 -> DQ -> op`."""
+    from onnx import helper
+
+    pre = []
+    node = g.producer.get(dq.input[0])
+    while node is not None and node.op_type in _LAYOUT_OPS:
+        pre.append(node)
+        node = g.producer.get(node.input[0])
+    if node is None or node.op_type != "QuantizeLinear" or g.const(node.input[0]) is None:
+        return False
+    q = node
+    w, scale = g.const(q.input[0]), g.const(q.input[1])
+    if scale is None or w.dtype.kind != "f" or list(dq.input[1:]) != list(q.input[1:]):
+        return False  # not a plain pair: left for qdq_pairs to report
+    # No zero point means a uint8 zero, per the ONNX spec.
+    zp = g.const(q.input[2]) if len(q.input) > 2 and q.input[2] else np.zeros(scale.shape, np.uint8)
+    axis = _attr(q, "axis", 1) % w.ndim if scale.size > 1 else None
+    if bits is not None and bits < 8:
+        # tf2onnx wrote amax/127 whatever the bits. The grid is amax/qmax(bits),
+        # clipped at +-qmax(bits) (TF's narrow range); amax is recovered in
+        # float32 first so the scale is TF's own float32 amax/qmax.
+        scale = (scale.astype(np.float64) * 127).astype(np.float32) / np.float32(qmax(bits))
+        q8 = np.clip(quantize_like_onnx(w, scale, zp, axis), -qmax(bits), qmax(bits)).astype(zp.dtype)
+    else:
+        q8 = quantize_like_onnx(w, scale, zp, axis)
+    # Each element's channel index travels through the layout ops with it.
+    index = None
+    if axis is not None:
+        index = np.broadcast_to(np.arange(scale.size).reshape([-1 if i == axis else 1 for i in range(w.ndim)]), w.shape)
+    for node in reversed(pre):
+        q8, index = _apply_layout(g, node, q8), None if index is None else _apply_layout(g, node, index)
+        if q8 is None:
+            return False
+    if _channel_line(index) is None:
+        return False
+    # Then through the layout ops after the DQ, while the scales still fit one axis.
+    end = dq.output[0]
+    while end not in g.outputs and len(g.consumers.get(end, [])) == 1:
+        nxt = g.consumers[end][0][0]
+        if nxt.op_type not in _LAYOUT_OPS:
+            break
+        q_next = _apply_layout(g, nxt, q8)
+        i_next = None if index is None else _apply_layout(g, nxt, index)
+        if q_next is None or _channel_line(i_next) is None:
+            break
+        q8, index, end = q_next, i_next, nxt.output[0]
+    new_axis, line = _channel_line(index)
+    if line is None:  # one scale from the start
+        new_scale, new_zp = scale, zp
+    elif new_axis is None:  # every element left uses the same channel
+        new_scale, new_zp = scale.reshape(-1)[line[0]], zp.reshape(-1)[line[0]]
+    else:  # e.g. a depth multiplier repeats each input channel's scale
+        new_scale, new_zp = scale.reshape(-1)[line], zp.reshape(-1)[line]
+    base = q.input[0].split(":")[0]  # tf2onnx's name for the float kernel
+    inputs = [g.add_init(base + "_int8", q8), g.add_init(base + "_scale", new_scale), g.add_init("zero_point", new_zp)]
+    out = g.fresh(dq.output[0].split(":")[0] + "_int8")
+    attrs = {} if new_axis is None else {"axis": new_axis}
+    g.graph.node.append(helper.make_node("DequantizeLinear", inputs, [out], name=out, **attrs))
+    for consumer, i in g.consumers.get(end, []):
+        consumer.input[i] = out
+    if end in g.outputs:  # a weight that is a graph output keeps its name
+        g.graph.node.append(helper.make_node("Identity", [out], [end], name=g.fresh("weight_output")))
+    g.reindex()
+    return True
+
+
+def _join_activation_pair(g: _Graph, dq) -> bool:
+    """`Q -> Transpose/Reshape/... -> DQ` becomes `Transpose/Reshape/... -> Q -> DQ`."""
+    chain = []
+    node = g.producer.get(dq.input[0])
+    while node is not None and node.op_type in _LAYOUT_OPS and len(g.consumers.get(node.output[0], [])) == 1:
+        if node.output[0] in g.outputs:
+            return False
+        chain.append(node)
+        node = g.producer.get(node.input[0])
+    if not chain or node is None or node.op_type != "QuantizeLinear" or g.const(node.input[0]) is not None:
+        return False
+    q, scale = node, g.const(node.input[1])
+    # Only a per-tensor Q commutes with every layout op.
+    if scale is None or scale.size != 1 or len(g.consumers.get(q.output[0], [])) != 1 or q.output[0] in g.outputs:
+        return False
+    chain[-1].input[0] = q.input[0]
+    q.input[0] = chain[0].output[0]
+    dq.input[0] = q.output[0]
+    g.reindex()
+    return True
+
+
+def _bypass_shape_of_dq(g: _Graph) -> None:
+    """`Shape(DQ(Q(x)))` reads `x`: a pair that only feeds Shape is dead weight to TensorRT."""
+    for node in list(g.graph.node):
+        if node.op_type != "Shape":
+            continue
+        dq = g.producer.get(node.input[0])
+        q = g.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear":
+            node.input[0] = q.input[0]
+    g.reindex()
+
+
+def _subgraph_names(node) -> set[str]:
+    names = set()
+    for a in node.attribute:
+        for sub in [a.g] if a.type == a.GRAPH else list(a.graphs):
+            for n in sub.node:
+                names.update(n.input)
+                names.update(_subgraph_names(n))
+    return names
+
+
+def _clean(g: _Graph) -> None:
+    """Drop dead nodes and unused initializers, then sort the nodes topologically."""
+    graph = g.graph
+    while True:
+        used = set(g.outputs)
+        for n in graph.node:
+            used.update(n.input)
+            used.update(_subgraph_names(n))
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    g.reindex()
+    # Kahn's order, stable: a node waits only for inputs some node produces.
+    deps = {id(n): [i for i in list(n.input) + sorted(_subgraph_names(n)) if i in g.producer] for n in graph.node}
+    pending, done, ordered = list(graph.node), set(), []
+    while pending:
+        ready = [n for n in pending if all(i in done for i in deps[id(n)])]
+        if not ready:
+            raise ExportError("The ONNX graph has a cycle after the Q/DQ pass; this is a qat-plugin bug.")
+        for n in ready:
+            done.update(n.output)
+        ready_ids = {id(n) for n in ready}
+        ordered.extend(ready)
+        pending = [n for n in pending if id(n) not in ready_ids]
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
+    g.reindex()
+
+
+def rewrite_qdq(model_proto, weight_bits: dict[str, int] | None = None) -> dict[str, int]:
+    """The graph pass, in place: int8 weights, DQ on the weight input, adjacent activation pairs.
+
+    Args:
+        model_proto: an `onnx.ModelProto` as tf2onnx wrote it.
+        weight_bits: bits of low-bit weights, keyed by the TF tensor name of
+            the fake-quant op's output or of the kernel it reads (tf2onnx
+            keeps both names); weights not listed have 8 bits.
+
+    Returns:
+        `{tensor name: bits}` for the low-bit weights found and folded.
+
+    Example:
+
+    >>> rewrite_qdq(onnx.load("model.onnx"))  # doctest: +SKIP
+    {}
+    """
+    g = _Graph(model_proto.graph)
+    weight_bits = weight_bits or {}
+    found: dict[str, int] = {}
+    # First, so that a Q whose DQ also fed a Shape has a single consumer left.
+    _bypass_shape_of_dq(g)
+    _clean(g)
+    for dq in [n for n in g.graph.node if n.op_type == "DequantizeLinear"]:
+        if _join_activation_pair(g, dq):
+            continue
+        q = g.producer.get(dq.input[0])
+        while q is not None and q.op_type in _LAYOUT_OPS:
+            q = g.producer.get(q.input[0])
+        keys = [dq.output[0]] + ([q.input[0]] if q is not None else [])
+        bits = next((weight_bits[k] for k in keys if k in weight_bits), None)
+        if _fold_weight(g, dq, bits) and bits is not None:
+            found.update({k: bits for k in keys if k in weight_bits})
+    _clean(g)
+    return found
+
+
+# ------------------------------------------------------------------ reading a file
+
+
+def qdq_pairs(onnx_model_or_path) -> list[QDQPair]:
+    """Every DequantizeLinear of the main graph: weight or activation, type, zero point, scale, axis.
+
+    Args:
+        onnx_model_or_path: an `onnx.ModelProto` or the path of an `.onnx` file.
+
+    Example:
+
+    >>> pairs = qdq_pairs("model_int8.onnx")  # doctest: +SKIP
+    >>> sorted({(p.kind, p.dtype, p.consumers) for p in pairs})  # doctest: +SKIP
+    [('activation', 'int8', (('Conv', 0),)), ('weight', 'int8', (('Conv', 1),))]
+    """
+    onnx = _require("onnx", "onnx")
+    source = onnx_model_or_path
+    proto = onnx.load(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else source
+    g = _Graph(proto.graph)
+    pairs = []
+    for dq in (n for n in g.graph.node if n.op_type == "DequantizeLinear"):
+        scale = g.const(dq.input[1])
+        zp = g.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        weight = g.const(dq.input[0])
+        feeder = g.producer.get(dq.input[0])
+        producer = "initializer" if weight is not None else feeder.op_type if feeder is not None else "graph_input"
+        # The input and the zero point share one type; with no zero point it is uint8.
+        dtype = (weight if weight is not None else zp if zp is not None else np.zeros((), np.uint8)).dtype.name
+        per_axis = scale is not None and scale.ndim == 1 and scale.size > 1
+        axis = _attr(dq, "axis", 1) if per_axis else None
+        if axis is not None and weight is not None:
+            axis %= weight.ndim
+        pairs.append(
+            QDQPair(
+                name=dq.name,
+                kind="weight" if weight is not None else "activation",
+                producer=producer,
+                consumers=tuple((n.op_type, i) for n, i in g.consumers.get(dq.output[0], [])),
+                dtype=dtype,
+                zero_point=tuple(int(v) for v in (zp.reshape(-1) if zp is not None else [0])),
+                scale=tuple(float(v) for v in (scale.reshape(-1) if scale is not None else [])),
+                scale_shape=tuple(scale.shape) if scale is not None else (),
+                axis=axis,
+                weight_shape=tuple(weight.shape) if weight is not None else None,
+            )
+        )
+    return pairs

@@ -1,0 +1,387 @@
+"""ONNX export: Q/DQ pairs where TensorRT looks for them, weights stored as int8.
+
+`export_onnx` converts with tf2onnx, then `_qdq_graph.rewrite_qdq` stores
+every quantized weight as int8 on its Conv/MatMul weight input and makes every
+activation pair adjacent; the file is then run in onnxruntime and compared
+with the Keras model (`verify_onnx`).
+
+tf2onnx ignores `num_bits`: whatever the bits, it writes scale amax/127.
+Weights of 4 to 7 bits are exported exactly anyway (their int8 values are
+computed on their own grid, scale amax/(2**(bits-1) - 1)). Activations of
+other than 8 bits raise `ExportError`: an int8 QuantizeLinear clips at
+-128/127, not at the low-bit grid's edge, and TensorRT runs activations in
+int8 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from qat_plugin.errors import ExportError
+from qat_plugin.export._qdq_graph import QDQPair, _Graph, _require, qdq_pairs, quantize_like_onnx, rewrite_qdq
+
+__all__ = ["OnnxExportReport", "QDQPair", "export_onnx", "qdq_pairs", "quantize_like_onnx", "run_onnx", "verify_onnx"]
+
+_FAKE_QUANT_OPS = ("QuantizeAndDequantizeV2", "QuantizeAndDequantizeV3", "QuantizeAndDequantizeV4")
+# Per-channel Q/DQ needs opset 13; tf2onnx 1.17 writes up to 18.
+MIN_OPSET, MAX_OPSET = 13, 18
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxExportReport:
+    """What `export_onnx` wrote, and how closely it matches the Keras model.
+
+    Attributes:
+        path: the ONNX file.
+        opset: its ONNX opset.
+        num_qdq_inputs: DequantizeLinear nodes fed by a QuantizeLinear (activations).
+        num_qdq_weights: DequantizeLinear nodes fed by an int8 initializer (weights).
+        file_bytes: the file's size.
+        agreement: share of argmax predictions (last axis) equal to Keras's,
+            the lowest over outputs; `None` without `validation_data`.
+        max_abs_diff: largest |onnxruntime - Keras| over all outputs, or `None`.
+        num_samples: how many validation samples were compared.
+        input_names, output_names: the graph's inputs and outputs, in order.
+    """
+
+    path: str
+    opset: int
+    num_qdq_inputs: int
+    num_qdq_weights: int
+    file_bytes: int
+    agreement: float | None = None
+    max_abs_diff: float | None = None
+    num_samples: int = 0
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------ checking a file
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_,
+}
+
+
+def _check_validation_args(min_agreement, batch_size) -> None:
+    if isinstance(min_agreement, bool) or not isinstance(min_agreement, (int, float)) or not 0 <= min_agreement <= 1:
+        raise ValueError(f"`min_agreement` must be a number in [0, 1]. Received: min_agreement={min_agreement!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be an int >= 1. Received: batch_size={batch_size!r}")
+
+
+def _input_arrays(data, specs) -> list[np.ndarray]:
+    names = [s.name for s in specs]
+    if isinstance(data, dict):
+        missing = sorted(set(names) - set(data))
+        if missing:
+            raise ExportError(f"`validation_data` has no array for ONNX input(s) {missing}. Inputs: {names}")
+        arrays = [np.asarray(data[n]) for n in names]
+    else:
+        arrays = [np.asarray(a) for a in (data if isinstance(data, (list, tuple)) else [data])]
+    if len(arrays) != len(names) or len({len(a) for a in arrays}) != 1 or len(arrays[0]) == 0:
+        raise ExportError(
+            f"`validation_data` must hold one non-empty array per model input ({len(names)}: {names}), all "
+            f"with the same number of samples. Received shapes: {[a.shape for a in arrays]}"
+        )
+    return [a.astype(_ORT_TYPES.get(s.type, a.dtype), copy=False) for a, s in zip(arrays, specs)]
+
+
+def _as_list(outputs, names: Sequence[str]) -> list[np.ndarray]:
+    if isinstance(outputs, dict):
+        keys = names if set(names) <= set(outputs) else list(outputs)
+        return [np.asarray(outputs[k]) for k in keys]
+    return [np.asarray(o) for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
+
+
+def _session(path):
+    ort = _require("onnxruntime", "onnxruntime")
+    return ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+
+
+def _run(session, arrays: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
+    specs, n = session.get_inputs(), len(arrays[0])
+    feeds = ({s.name: a[i : i + batch_size] for s, a in zip(specs, arrays)} for i in range(0, n, batch_size))
+    batches = [session.run(None, feed) for feed in feeds]
+    return [np.concatenate([b[j] for b in batches]) for j in range(len(session.get_outputs()))]
+
+
+def run_onnx(path: str | os.PathLike, data, *, batch_size: int = 32):
+    """Run an ONNX file in onnxruntime (CPU) on `data`, in batches.
+
+    Args:
+        path: the ONNX file.
+        data: an array, a list of arrays (one per input), or a dict keyed by input name.
+        batch_size: rows per `session.run`.
+
+    Returns:
+        The output array, or a list of arrays for a model with several outputs.
+
+    Example:
+
+    >>> logits = run_onnx("model_int8.onnx", x_test)  # doctest: +SKIP
+    >>> (logits.argmax(-1) == y_test).mean()  # doctest: +SKIP
+    0.9765
+    """
+    _check_validation_args(0.0, batch_size)
+    session = _session(path)
+    outputs = _run(session, _input_arrays(data, session.get_inputs()), batch_size)
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+def verify_onnx(
+    model, path: str | os.PathLike, data, *, min_agreement: float = 0.999, batch_size: int = 32
+) -> tuple[float | None, float, int]:
+    """Run an ONNX file in onnxruntime (CPU) and `model.predict` on the same inputs.
+
+    onnxruntime runs with its default graph optimizations, as deployed: it
+    fuses Q/DQ pairs into integer kernels (QLinearConv...), whose own
+    requantization accounts for most of `max_abs_diff`.
+
+    Args:
+        model: the Keras model the file was exported from.
+        path: the ONNX file.
+        data: an array, a list of arrays (one per input, in order), or a
+            dict keyed by input name.
+        min_agreement: the lowest share of matching argmax predictions accepted.
+        batch_size: batch size for both runtimes.
+
+    Returns:
+        `(agreement, max_abs_diff, num_samples)`. `agreement` is the share of
+        argmax predictions over the last axis that match, the lowest over
+        outputs; `None` when no output has a last axis longer than 1 (then
+        only `max_abs_diff` says how close the file is).
+
+    Raises:
+        ExportError: the agreement is below `min_agreement` (the message
+            names the file and the numbers), or inputs or outputs don't line up.
+
+    Example:
+
+    >>> verify_onnx(qmodel, "model_int8.onnx", x_test[:256])  # doctest: +SKIP
+    (1.0, 0.0041, 256)
+    """
+    _check_validation_args(min_agreement, batch_size)
+    session = _session(path)
+    out_names = [o.name for o in session.get_outputs()]
+    arrays = _input_arrays(data, session.get_inputs())
+    n = len(arrays[0])
+    onnx_out = _run(session, arrays, batch_size)
+    x = data if isinstance(data, dict) else arrays[0] if len(arrays) == 1 else arrays
+    keras_out = _as_list(model.predict(x, batch_size=batch_size, verbose=0), out_names)
+    if [k.shape for k in keras_out] != [o.shape for o in onnx_out]:
+        raise ExportError(
+            f"The ONNX file {path} and the Keras model give outputs of different shapes: "
+            f"{[o.shape for o in onnx_out]} vs {[k.shape for k in keras_out]}."
+        )
+    pairs = list(zip(keras_out, onnx_out))
+    diff = max(float(np.max(np.abs(k.astype(np.float64) - o))) for k, o in pairs)
+    agree = [float(np.mean(k.argmax(-1) == o.argmax(-1))) for k, o in pairs if k.ndim >= 2 and k.shape[-1] > 1]
+    agreement = min(agree) if agree else None
+    if agreement is not None and agreement < min_agreement:
+        raise ExportError(
+            f"The ONNX file {path} (kept for inspection) agrees with the Keras model on {agreement:.4%} of "
+            f"argmax predictions over {n} samples, below min_agreement={min_agreement}; max abs diff {diff:.4g}."
+        )
+    return agreement, diff, n
+
+
+# ------------------------------------------------------------------ export
+
+
+@dataclasses.dataclass(frozen=True)
+class _FakeQuantOp:
+    output: str  # TF tensor names: tf2onnx keeps them in the graph it writes
+    input: str
+    bits: int
+    weight: bool
+
+
+def _reads_weight(tensor) -> bool:
+    op = tensor.op
+    while op.type in ("Identity", "Cast") and op.inputs:
+        op = op.inputs[0].op
+    return op.type in ("ReadVariableOp", "Const")
+
+
+def _fake_quant_ops(model, signature) -> list[_FakeQuantOp]:
+    """Every fake-quant op of the traced model, with its bits (which tf2onnx drops)."""
+    import tensorflow as tf
+
+    # Called the way tf2onnx calls it (TF's `trace_model_call`), so op names match.
+    call = lambda *args: model(args[0] if len(args) == 1 else list(args), training=False)  # noqa: E731
+    ops = []
+    for op in tf.function(call, input_signature=signature).get_concrete_function().graph.get_operations():
+        if op.type not in _FAKE_QUANT_OPS:
+            continue
+        # V3 takes num_bits as an input tensor, V2/V4 as an attribute.
+        bits = tf.get_static_value(op.inputs[3]) if op.type == "QuantizeAndDequantizeV3" else op.get_attr("num_bits")
+        if bits is None:
+            raise ExportError(f"Fake-quant op {op.name!r} has a num_bits that is not constant; ONNX needs fixed bits.")
+        ops.append(_FakeQuantOp(op.outputs[0].name, op.inputs[0].name, int(bits), _reads_weight(op.inputs[0])))
+    return ops
+
+
+def _signature(model, input_signature) -> list:
+    import tensorflow as tf
+
+    if input_signature is not None:
+        sig = list(input_signature) if isinstance(input_signature, (list, tuple)) else [input_signature]
+        if not all(isinstance(s, tf.TensorSpec) for s in sig):
+            raise ValueError(
+                f"`input_signature` must be a tf.TensorSpec or a list of them. Received: {input_signature!r}"
+            )
+        return sig
+    inputs = getattr(model, "inputs", None)
+    if not inputs:
+        raise ExportError(
+            f"Model {model.name!r} has no symbolic inputs (subclassed or not built). Pass "
+            "input_signature=[tf.TensorSpec((None, ...), tf.float32, name='input')]."
+        )
+    # A free batch dimension: the file serves any batch size.
+    return [tf.TensorSpec((None,) + tuple(i.shape[1:]), i.dtype, name=i.name) for i in inputs]
+
+
+def _for_tf2onnx(model):
+    """A Sequential model as the same Functional one (same layers, same weights).
+
+    tf2onnx names outputs after `model.output_names`, which Sequential lacks.
+    """
+    import keras
+
+    if not isinstance(model, keras.Sequential):
+        return model
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError) as e:
+        raise ExportError(f"Sequential model {model.name!r} is not built: give it a keras.Input first. ({e})") from e
+    one = lambda xs: xs[0] if len(xs) == 1 else xs  # noqa: E731
+    return keras.Model(one(inputs), one(outputs), name=model.name)
+
+
+def _check_model(model, ops: Sequence[_FakeQuantOp]) -> None:
+    from qat_plugin.report import list_quantizers
+
+    missing = [i.key for i in list_quantizers(model) if not i.label.startswith("weight") and not i.calibrated]
+    if missing:
+        raise ExportError(
+            f"Activation ranges {missing[:10]}{'...' if len(missing) > 10 else ''} are not calibrated, so their "
+            "scales would be meaningless: call qat_plugin.calibrate(qmodel, data) before exporting."
+        )
+    low = sorted({(op.output.split(":")[0], op.bits) for op in ops if not op.weight and op.bits != 8})
+    if low:
+        raise ExportError(
+            f"Activation quantizers of other than 8 bits can't be exported to ONNX: {low[:10]}. An int8 "
+            "QuantizeLinear clips at -128/127, not at +-(2**(bits-1) - 1), tf2onnx ignores num_bits, and "
+            "TensorRT runs activations in int8 only. Quantize activations with 8 bits (weights may keep 4 to 8 "
+            "bits: they are exported exactly)."
+        )
+
+
+def export_onnx(
+    model,
+    path: str | os.PathLike,
+    *,
+    opset: int = 17,
+    input_signature: Sequence[Any] | None = None,
+    validation_data=None,
+    min_agreement: float = 0.999,
+    batch_size: int = 32,
+) -> OnnxExportReport:
+    """Write `model` to an ONNX file with Q/DQ pairs and int8 weights, and check it.
+
+    Works on quantized models (from `quantize_model` or `QATCallback`) and on
+    FP32 ones (no Q/DQ; useful as the size and accuracy baseline). Every
+    quantized weight is an int8 initializer feeding a DequantizeLinear on the
+    weight input of its Conv/ConvTranspose/MatMul, zero point 0, per-channel
+    scales on the output-channel axis as ONNX sees it (0 for Conv, 1 for
+    ConvTranspose and MatMul); every activation gets an adjacent Q/DQ pair.
+
+    Args:
+        model: a Keras model: Sequential, Functional, or any model with an
+            `input_signature`.
+        path: where to write the `.onnx` file (parent folders are created).
+        opset: ONNX opset, 13 to 18.
+        input_signature: `tf.TensorSpec`s, one per input; default: the
+            model's inputs with a free batch dimension.
+        validation_data: optional inputs (an array, a list of arrays, or a
+            dict by input name): the file is run in onnxruntime and compared
+            with `model.predict` (see `verify_onnx`).
+        min_agreement: the lowest share of matching argmax predictions
+            accepted; below it `ExportError` is raised and the file is kept.
+        batch_size: batch size for the comparison.
+
+    Returns:
+        An `OnnxExportReport`.
+
+    Raises:
+        ExportError: an activation range is uncalibrated or has fewer than 8
+            bits, tf2onnx failed, a weight could not be stored as int8, or the
+            file disagrees with the Keras model.
+
+    Example:
+
+    >>> qmodel = qat_plugin.quantize_model(model, calibration_data=x_train[:512])  # doctest: +SKIP
+    >>> report = export_onnx(qmodel, "model_int8.onnx", validation_data=x_test)  # doctest: +SKIP
+    >>> report.agreement, report.num_qdq_weights  # doctest: +SKIP
+    (1.0, 5)
+    """
+    onnx = _require("onnx", "onnx")
+    tf2onnx = _require("tf2onnx", "tf2onnx")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(
+            f"`opset` must be an int in [{MIN_OPSET}, {MAX_OPSET}] (per-channel Q/DQ needs 13; tf2onnx "
+            f"writes up to {MAX_OPSET}). Received: opset={opset!r}"
+        )
+    _check_validation_args(min_agreement, batch_size)  # before the slow conversion
+    traced = _for_tf2onnx(model)
+    signature = _signature(traced, input_signature)
+    ops = _fake_quant_ops(traced, signature)
+    _check_model(model, ops)
+    low_bit = {name: op.bits for op in ops if op.weight and op.bits < 8 for name in (op.output, op.input)}
+
+    try:
+        proto, _ = tf2onnx.convert.from_keras(traced, input_signature=signature, opset=opset)
+    except Exception as e:  # tf2onnx raises anything from KeyError to ValueError
+        raise ExportError(f"tf2onnx could not convert model {model.name!r}: {type(e).__name__}: {e}") from e
+    found = rewrite_qdq(proto, low_bit)
+    lost = sorted(op.output for op in ops if op.weight and op.bits < 8 and not {op.output, op.input} & set(found))
+    if lost:
+        raise ExportError(f"Low-bit weights {lost[:5]} were not found in tf2onnx's graph, so their bits would be lost.")
+    g = _Graph(proto.graph)
+    floats = [n.input[0] for n in g.graph.node if n.op_type == "QuantizeLinear" and g.const(n.input[0]) is not None]
+    if floats:
+        raise ExportError(f"Weights {floats[:5]} could not be stored as int8 (an unexpected layout between Q and DQ).")
+    try:
+        onnx.checker.check_model(proto)  # tf2onnx leaves ops it couldn't convert in place
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"tf2onnx produced an invalid ONNX graph for model {model.name!r}: {e}") from e
+
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    onnx.save(proto, path)
+    agreement, diff, n = None, None, 0
+    if validation_data is not None:
+        agreement, diff, n = verify_onnx(
+            model, path, validation_data, min_agreement=min_agreement, batch_size=batch_size
+        )
+    pairs = qdq_pairs(proto)
+    return OnnxExportReport(
+        path=path,
+        opset=opset,
+        num_qdq_inputs=sum(p.producer == "QuantizeLinear" for p in pairs),
+        num_qdq_weights=sum(p.kind == "weight" for p in pairs),
+        file_bytes=os.path.getsize(path),
+        agreement=agreement,
+        max_abs_diff=diff,
+        num_samples=n,
+        input_names=tuple(i.name for i in proto.graph.input),
+        output_names=tuple(o.name for o in proto.graph.output),
+    )
