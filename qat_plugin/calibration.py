@@ -118,6 +118,7 @@ def calibrate(
     percentile: float = 99.99,
     num_batches: int = 8,
     batch_size: int = 32,
+    histograms: dict | None = None,
 ) -> dict[str, float]:
     """Set every activation range of `qmodel` from a few batches of `data`.
 
@@ -130,6 +131,8 @@ def calibrate(
         percentile: for `"percentile"`, e.g. 99.99.
         num_batches: how many batches to read.
         batch_size: batch size used to slice arrays.
+        histograms: if a dict is given, it is filled with
+            `{"<layer>/<label>": (bin_edges, counts)}` of |x| for every range.
 
     Returns:
         `{"<layer>/<input|output>": amax}` for every range that was set.
@@ -138,7 +141,7 @@ def calibrate(
 
     >>> import numpy as np, keras
     >>> from qat_plugin import quantize_model
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="dense")])
     >>> qmodel = quantize_model(model)
     >>> ranges = calibrate(qmodel, np.full((8, 4), 3.0, "float32"))
     >>> ranges["dense/input"]
@@ -182,6 +185,9 @@ def calibrate(
                 )
             amax = max(collector.compute_amax(method, percentile, row["quantizer"].bits), _MIN_AMAX)
             w.amax_variable(row["slot"]).assign(amax)
-            ranges[f"{w.inner_name}/{row['label']}"] = float(amax)
+            key = f"{w.inner_name}/{row['label']}"
+            ranges[key] = float(amax)
+            if histograms is not None:
+                histograms[key] = (collector.edges, collector.counts)
     return ranges
 

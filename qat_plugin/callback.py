@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
+from collections.abc import Sequence
 
 import keras
 
@@ -81,6 +83,11 @@ class QATCallback(keras.callbacks.Callback):
         freeze_ranges_after: track activation ranges with a moving average
             during the first K QAT steps, then freeze them; `None` keeps the
             calibrated ranges fixed from the switch on.
+        loggers: experiment trackers told about every step of the run, e.g.
+            `qat_plugin.integrations.mlflow.MlflowLogger()`. A logger has
+            any of `on_train_begin(cb)`, `before_switch(cb)`, `on_switch(cb)`,
+            `on_epoch_end(cb, epoch, logs)`, `on_train_end(cb, logs)`; a
+            logger that raises is reported once and never stops training.
         verbose: 1 prints what happened at the switch, 0 is silent.
 
     After `fit`: `switch_epoch`, `switch_step`, `calibration_seconds` and
@@ -109,6 +116,7 @@ class QATCallback(keras.callbacks.Callback):
         lr_multiplier: float = 1.0,
         freeze_bn_after: int | None = None,
         freeze_ranges_after: int | None = None,
+        loggers: Sequence = (),
         verbose: int = 1,
     ):
         super().__init__()
@@ -130,7 +138,20 @@ class QATCallback(keras.callbacks.Callback):
         self.lr_multiplier = float(lr_multiplier)
         self.freeze_bn_after = _positive_int(freeze_bn_after, "freeze_bn_after")
         self.freeze_ranges_after = _positive_int(freeze_ranges_after, "freeze_ranges_after")
+        self.loggers = list(loggers)
         self.verbose = verbose
+
+    def _notify(self, event: str, *args) -> None:
+        for logger in self.loggers:
+            hook = getattr(logger, event, None)
+            if hook is None:
+                continue
+            try:
+                hook(self, *args)
+            except Exception as exc:  # a tracker must never cost the user their training run
+                if id(logger) not in self._failed_loggers:
+                    self._failed_loggers.add(id(logger))
+                    warnings.warn(f"QATCallback: logger {type(logger).__name__}.{event} failed and is ignored: {exc!r}", stacklevel=2)
 
     # ------------------------------------------------------------ fit lifecycle
 
@@ -139,18 +160,23 @@ class QATCallback(keras.callbacks.Callback):
         self.switch_step: int | None = None
         self.calibration_seconds: float | None = None
         self.calibrated_ranges: dict[str, float] = {}
+        self.calibration_histograms: dict = {}
+        self._failed_loggers: set[int] = set()
         self._epoch = 0
         self._bn_frozen = False
         self._ranges_frozen = False
         self._quantized = bool(quantize_wrappers(self.model))
-        if self._quantized:
-            return  # A second `fit` on a model that already switched.
-        self._validate()
-        resumed = self._backup_state()
+        if not self._quantized:  # else: a second `fit` on a model that already switched
+            self._validate()
+        self._notify("on_train_begin")
+        resumed = None if self._quantized else self._backup_state()
         if resumed is not None:
             # BackupAndRestore is about to load a quantized backup: give the model
             # the quantized graph first; the backup holds the ranges.
             self._switch(resumed["epoch"], resumed["step"], calibrate_ranges=False)
+
+    def on_train_end(self, logs=None):
+        self._notify("on_train_end", logs or {})
 
     def _validate(self):
         """Everything that can be wrong is checked here, before the first step."""
@@ -222,6 +248,7 @@ class QATCallback(keras.callbacks.Callback):
         if logs is not None:
             logs["qat_phase"] = int(self._quantized)
             logs["qat_switch_step"] = -1 if self.switch_step is None else self.switch_step
+        self._notify("on_epoch_end", epoch, dict(logs or {}))
 
     # ------------------------------------------------------------ the switch
 
@@ -230,6 +257,7 @@ class QATCallback(keras.callbacks.Callback):
 
     def _switch(self, epoch: int, step: int, calibrate_ranges: bool = True):
         model = self.model
+        self._notify("before_switch")
         with model.distribute_strategy.scope():
             qmodel = clone_and_wrap(model, self._plan, share_weights=True)
         start = time.perf_counter()
@@ -242,6 +270,7 @@ class QATCallback(keras.callbacks.Callback):
                     method=self.spec.calibrator,
                     percentile=self.spec.percentile,
                     num_batches=self.calibration_batches,
+                    histograms=self.calibration_histograms,
                 )
             except Exception as exc:
                 raise CalibrationError(
@@ -266,6 +295,7 @@ class QATCallback(keras.callbacks.Callback):
             os.makedirs(backup.backup_dir, exist_ok=True)
             with open(os.path.join(backup.backup_dir, _BACKUP_STATE), "w") as f:
                 json.dump({"epoch": epoch, "step": step}, f)
+        self._notify("on_switch")
         if self.verbose:
             wrappers = quantize_wrappers(model)
             n_q = sum(len(w.quantizer_ranges()) for w in wrappers)
