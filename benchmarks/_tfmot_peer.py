@@ -13,8 +13,8 @@ never imported by the package; TFMOT is not, and must not become, a dependency
 of qat-plugin.
 
 It trains the same network as our side (`small_cnn` = qat_plugin.models.
-small_residual_cnn, `resnet8` = benchmarks/_resnet8.py; same layers, same
-names) on the real MNIST digits in shared/datasets: FP32 for --fp32-epochs,
+small_residual_cnn, `resnet8` = qat_plugin.models.resnet8, built with
+`keras_module=tf_keras`) on the real MNIST digits in shared/datasets: FP32 for --fp32-epochs,
 then `tfmot.quantization.keras.quantize_model`, recompile, QAT for
 --qat-epochs. All progress goes to stderr; stdout gets exactly one line,
 `RESULT {json}`, with accuracies, median step times, the QAT/FP32 step-time
@@ -61,31 +61,20 @@ except ImportError as exc:  # a clear message beats a traceback from deep inside
 if not tf.keras.__name__.startswith("tf_keras"):
     sys.exit(f"_tfmot_peer.py: tf.keras is {tf.keras.__name__}, TFMOT needs Keras 2 (TF_USE_LEGACY_KERAS=1)")
 
-# Same data loader and ResNet-8 builder as our side (this file's folder is on sys.path).
+# Same data loader and model builders as our side, built here with tf_keras.
 from _data import load_mnist10k  # noqa: E402
-from _resnet8 import resnet8  # noqa: E402
+
+from qat_plugin.models import resnet8, small_residual_cnn  # noqa: E402
 
 # Steps at the start of each phase left out of the step-time median: the first
 # runs trace and compile the train function, the next few warm caches and the
 # oneDNN primitive cache, none of which is steady-state training cost.
 WARMUP_STEPS = 10
 
-def small_cnn(input_shape: tuple[int, int, int] = (28, 28, 1), classes: int = 10) -> tf_keras.Model:
-    """tf_keras copy of qat_plugin.models.small_residual_cnn (same layers and names)."""
-    L = tf_keras.layers
-    inp = tf_keras.Input(input_shape, name="image")
-    x = L.Conv2D(16, 3, padding="same", use_bias=False, name="conv1")(inp)
-    x = L.BatchNormalization(name="bn1")(x)
-    x = L.ReLU(name="relu1")(x)
-    x = L.MaxPooling2D(name="pool1")(x)
-    y = L.Conv2D(16, 3, padding="same", activation="relu", name="conv2")(x)
-    x = L.Add(name="add")([x, y])
-    x = L.Conv2D(32, 3, strides=2, padding="same", activation="relu", name="conv3")(x)
-    x = L.Flatten(name="flatten")(x)
-    return tf_keras.Model(inp, L.Dense(classes, name="head")(x), name="small_residual_cnn")
-
-
-MODELS = {"small_cnn": small_cnn, "resnet8": lambda: resnet8(keras_module=tf_keras)}
+MODELS = {
+    "small_cnn": lambda: small_residual_cnn(keras_module=tf_keras),
+    "resnet8": lambda: resnet8(keras_module=tf_keras),
+}
 
 
 class StepTimer(tf_keras.callbacks.Callback):

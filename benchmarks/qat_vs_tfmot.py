@@ -34,10 +34,9 @@ sys.path.insert(0, str(HERE))
 
 import keras  # noqa: E402
 from _data import load_mnist10k  # noqa: E402
-from _resnet8 import resnet8  # noqa: E402
 
 import qat_plugin as qp  # noqa: E402
-from qat_plugin.models import compile_classifier, small_residual_cnn  # noqa: E402
+from qat_plugin.models import compile_classifier, resnet8, small_residual_cnn  # noqa: E402
 
 WARMUP_STEPS = 10
 MODELS = {"small_cnn": lambda: small_residual_cnn(), "resnet8": lambda: resnet8()}

@@ -23,10 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from _data import load_mnist10k  # noqa: E402
-from _resnet8 import resnet8  # noqa: E402
 
 import qat_plugin as qp  # noqa: E402
-from qat_plugin.models import compile_classifier, small_residual_cnn  # noqa: E402
+from qat_plugin.models import compile_classifier, resnet8, small_residual_cnn  # noqa: E402
 
 
 def main() -> None:

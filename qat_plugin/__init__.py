@@ -23,7 +23,7 @@ from qat_plugin.export.onnx import export_onnx, qdq_pairs, run_onnx
 from qat_plugin.quantizers import TensorQuantizer
 from qat_plugin.report import QuantizerInfo, describe, list_quantizers
 from qat_plugin.transform import QuantizationReport, quantize_model
-from qat_plugin.wrappers import QuantizeWrapper, register_layer, supported_types
+from qat_plugin.wrappers import QuantizeWrapper, quantize_wrappers, register_layer, supported_types
 
 __version__ = "0.1.0"
 
@@ -50,6 +50,7 @@ __all__ = [
     "list_quantizers",
     "qdq_pairs",
     "quantize_model",
+    "quantize_wrappers",
     "register_layer",
     "run_onnx",
     "supported_types",

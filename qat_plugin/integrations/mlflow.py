@@ -237,6 +237,16 @@ class MlflowLogger:
     artifact_dir: str = "qat_artifacts"
     flush_timeout: float = 60.0
 
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run this logger writes to (None before training or if it could not be created)."""
+        sender = getattr(self, "_sender", None)
+        return None if sender is None else sender.run_id
+
+    @property
+    def tracking_uri_used(self) -> str | None:
+        return getattr(self, "_uri", None)
+
     # ---------------------------------------------------------------- events
 
     def on_train_begin(self, cb) -> None:
@@ -251,6 +261,7 @@ class MlflowLogger:
         self._warned = False
         self._fp32_logs: dict = {}
         self._fp32_accuracy: float | None = None
+        self.files: dict[str, Path] = {}
         self._last_epoch = 0
         active = mlflow.active_run()
         self._own_run = active is None
@@ -335,6 +346,7 @@ class MlflowLogger:
         self._submit_batch(metrics=metrics, step=step)
         keras_path = self._dir / f"{model.name}.keras"
         model.save(keras_path)
+        self.files["keras"] = keras_path
         self._log_file(keras_path, "model_files")
         if self.log_model:
             example = np.asarray(x[:4] if x is not None else np.zeros((1, *model.inputs[0].shape[1:]), "float32"))
@@ -352,6 +364,7 @@ class MlflowLogger:
 
             onnx_path = self._dir / f"{model.name}.onnx"
             export_onnx(model, onnx_path, validation_data=None if x is None else x[:256])
+            self.files["onnx"] = onnx_path
             self._log_file(onnx_path, "model_files")
             if x is not None:
                 self._submit_batch(metrics={"onnx_accuracy": _accuracy(y, run_onnx(onnx_path, x))}, step=step)

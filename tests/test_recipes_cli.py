@@ -1,0 +1,75 @@
+"""Recipes (YAML -> validated configs) and the `qat-plugin` command line, run for real on the digits demo."""
+
+from pathlib import Path
+
+import pytest
+
+from qat_plugin.cli import main
+from qat_plugin.recipes import Recipe, RecipeError
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+BASE = {"name": "t", "model": {"builder": "qat_plugin.models:small_residual_cnn"}, "data": {"source": "sklearn_digits"}}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    recipe = Recipe.from_yaml(path)
+    assert recipe.name and recipe.train.qat_epochs >= 1 and recipe.export
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"trian": {}}, r"`recipe.trian` is not allowed. Allowed keys in `recipe`: \["),
+        ({"train": {"epochs": 3}}, r"`train.epochs` is not allowed.*'fp32_epochs'"),
+        ({"data": {"source": "csv"}}, r"`data.source` must be one of \('sklearn_digits', 'npz'"),
+        ({"data": {"source": "npz"}}, r"`data.source: npz` needs `data.path`"),
+        ({"export": ["tflite"]}, r"`export` entry 'tflite' is not allowed"),
+        ({"spec": {"bits": 8}}, r"Unknown QuantizationSpec keys \['bits'\]"),
+        ({"policy": "tensorRT"}, r"Unknown placement policy"),
+        ({"model": {"builder": "no_module"}}, r"'module:function'"),
+        ({"model": {}}, r"exactly one of `builder`"),
+        ({"train": {"qat_epochs": 0}}, r"`train.qat_epochs` must be a positive int"),
+        ({"mlflow": {"server": "x"}}, r"`mlflow.server` is not allowed"),
+    ],
+)
+def test_bad_recipes_name_the_key_and_what_is_allowed(change, match):
+    with pytest.raises(RecipeError, match=match):
+        Recipe.from_dict({**BASE, **change})
+
+
+def test_missing_section_and_unimportable_builder():
+    with pytest.raises(RecipeError, match="needs `data`"):
+        Recipe.from_dict({"name": "t", "model": BASE["model"]})
+    recipe = Recipe.from_dict({**BASE, "model": {"builder": "qat_plugin.models:nope"}})
+    with pytest.raises(RecipeError, match="can't be imported"):
+        recipe.model.build()
+
+
+def test_cli_run_describe_export_compare_on_the_digits_demo(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # MLflow's default store, sqlite:///mlflow.db, lands here
+    demo = Path(__file__).resolve().parents[1] / "recipes" / "digits_cnn.yaml"
+    assert main(["run", str(demo), "--quick", "--quiet", "--out", "runs"]) == 0
+    out = capsys.readouterr().out
+    assert "QAT accuracy (Keras, quantized)" in out and "MLflow run" in out and "latency, batch 1" in out
+    keras_file = next(Path("runs").rglob("*.keras"))
+    onnx_files = sorted(Path("runs").rglob("*.onnx"))
+    assert len(onnx_files) == 2  # FP32 (before the switch) and int8
+
+    assert main(["describe", str(keras_file)]) == 0
+    table = capsys.readouterr().out
+    assert "conv1" in table and "weight" in table and "9 quantizers in 5 layers" in table
+
+    assert main(["export", str(keras_file), "--out", "again.onnx"]) == 0
+    assert "int8 weights" in capsys.readouterr().out and Path("again.onnx").stat().st_size > 1000
+
+    assert main(["compare", "--experiment", "qat-digits", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 0
+    listing = capsys.readouterr().out
+    assert "digits-cnn" in listing and "tensorrt" in listing and "1 run(s) of experiment 'qat-digits'" in listing
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: {builder: 'qat_plugin.models:small_residual_cnn'}\ndata: {source: sklearn_digits}\ntrain: {epoch: 3}\n")
+    assert main(["run", str(bad)]) == 2
+    assert "error: Recipe key `train.epoch` is not allowed" in capsys.readouterr().err
