@@ -10,22 +10,19 @@ files to MLflow's default store (sqlite:///mlflow.db in this folder).
 
 import argparse
 
-from sklearn.datasets import load_digits
-
 import qat_plugin as qp
 from qat_plugin.cli import main as cli
 from qat_plugin.integrations.mlflow import MlflowLogger
 from qat_plugin.models import compile_classifier, small_residual_cnn
+from qat_plugin.recipes import DataConfig
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true", help="2 FP32 + 1 QAT epoch per run")
 args = parser.parse_args()
 fp32_epochs, qat_epochs = (2, 1) if args.quick else (6, 3)
 
-digits = load_digits()
-x = (digits.images / 16.0).astype("float32")[..., None]
-y = digits.target
-x_train, y_train, x_val, y_val = x[:1400], y[:1400], x[1400:], y[1400:]
+# sklearn's 8x8 digits as float images in [0, 1], 80/20 split.
+x_train, y_train, x_val, y_val = DataConfig(source="sklearn_digits").load()
 
 for run_name, spec in [
     ("full-int8", qp.QuantizationSpec()),
