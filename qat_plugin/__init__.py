@@ -22,6 +22,7 @@ from qat_plugin.errors import (
 from qat_plugin.export.onnx import export_onnx, qdq_pairs, run_onnx
 from qat_plugin.quantizers import TensorQuantizer
 from qat_plugin.report import QuantizerInfo, describe, list_quantizers
+from qat_plugin.sensitivity import SensitivityReport, sensitivity_analysis
 from qat_plugin.transform import QuantizationReport, quantize_model
 from qat_plugin.wrappers import QuantizeWrapper, quantize_wrappers, register_layer, supported_types
 
@@ -39,6 +40,7 @@ __all__ = [
     "QuantizationSpec",
     "QuantizeWrapper",
     "QuantizerInfo",
+    "SensitivityReport",
     "SpecError",
     "SwapError",
     "TensorQuantizer",
@@ -53,5 +55,6 @@ __all__ = [
     "quantize_wrappers",
     "register_layer",
     "run_onnx",
+    "sensitivity_analysis",
     "supported_types",
 ]

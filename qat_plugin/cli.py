@@ -1,6 +1,7 @@
 """`qat-plugin` command line: argument parsing only; every command calls the public API.
 
     qat-plugin run recipes/digits_cnn.yaml          # train, switch to QAT, export, track
+    qat-plugin tune recipes/tune_digits.yaml        # which layers should stay FP32?
     qat-plugin describe model.keras                 # every quantizer and its range
     qat-plugin export model.keras --out model.onnx  # Q/DQ ONNX, checked in onnxruntime
     qat-plugin compare --experiment qat-digits      # the experiment's MLflow runs as a table
@@ -31,6 +32,20 @@ def cmd_run(args) -> int:
     recipe = Recipe.from_yaml(args.recipe)
     summary = run_recipe(recipe, args.out, quick=args.quick, verbose=0 if args.quiet else 1)
     print("\n" + summary.table())
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from qat_plugin.recipes import Recipe
+    from qat_plugin.runner import tune_recipe
+
+    spec, path, rows = tune_recipe(Recipe.from_yaml(args.recipe), args.out, quick=args.quick)
+    keys = ["trial_id", "score", "quantized_accuracy", "n_fp32_layers", "quantized_mac_share"]
+    print("  ".join(keys))
+    for row in rows:
+        print("  ".join(f"{row.get(k):.4f}" if isinstance(row.get(k), float) else str(row.get(k)) for k in keys))
+    print(f"best: keep {list(spec.exclude) or 'no layer'} in FP32; spec written to {path} "
+          f"(QuantizationSpec.from_json({str(path)!r}))")
     return 0
 
 
@@ -100,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="one FP32 and one QAT epoch on at most 512 samples")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("tune", help="search which layers stay FP32 (the recipe's `tuning` block)")
+    p.add_argument("recipe")
+    p.add_argument("--out", default="qat_runs")
+    p.add_argument("--quick", action="store_true", help="two short trials on at most 512 samples")
+    p.set_defaults(func=cmd_tune)
     p = sub.add_parser("describe", help="print every quantizer of a quantized .keras model")
     p.add_argument("model")
     p.set_defaults(func=cmd_describe)

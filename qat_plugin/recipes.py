@@ -164,6 +164,34 @@ class TrainConfig:
             raise RecipeError(f"`train.optimizer` {self.optimizer!r} is not a Keras optimizer: {e}") from None
 
 
+TUNERS = ("random", "bayesian", "hyperband")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """The search `qat-plugin tune` runs: which layers stay FP32 (see `integrations.tuner`)."""
+
+    tuner: str = "random"
+    max_trials: int = 6
+    mode: str = "top_k"
+    max_drop: float = 0.003
+    cost: str = "layers"
+    lr_multipliers: tuple[float, ...] = (0.1,)
+    calibrators: tuple[str, ...] = ("max",)
+
+    def __post_init__(self):
+        if self.tuner not in TUNERS:
+            raise RecipeError(f"`tuning.tuner` must be one of {TUNERS}. Received: {self.tuner!r}")
+        if self.mode not in ("per_layer", "top_k"):
+            raise RecipeError(f"`tuning.mode` must be 'per_layer' or 'top_k'. Received: {self.mode!r}")
+        if self.cost not in ("layers", "macs"):
+            raise RecipeError(f"`tuning.cost` must be 'layers' or 'macs'. Received: {self.cost!r}")
+        if isinstance(self.max_trials, bool) or not isinstance(self.max_trials, int) or self.max_trials < 1:
+            raise RecipeError(f"`tuning.max_trials` must be an int >= 1. Received: {self.max_trials!r}")
+        object.__setattr__(self, "lr_multipliers", tuple(self.lr_multipliers))
+        object.__setattr__(self, "calibrators", tuple(self.calibrators))
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """A whole run. Read one with `Recipe.from_yaml(path)`.
@@ -182,7 +210,7 @@ class Recipe:
     policy: str = "tensorrt"
     export: tuple[str, ...] = ("keras", "onnx")
     mlflow: Mapping[str, Any] | None = None
-    tuning: Mapping[str, Any] | None = None
+    tuning: TuningConfig | None = None
     base_dir: Path = Path(".")
 
     @classmethod
@@ -192,6 +220,7 @@ class Recipe:
         _check_keys("data", raw["data"], _fields(DataConfig), {"source"})
         _check_keys("train", raw.get("train", {}), _fields(TrainConfig))
         _check_keys("mlflow", raw.get("mlflow") or {}, {"experiment", "tracking_uri", "registered_model_name"})
+        _check_keys("tuning", raw.get("tuning") or {}, _fields(TuningConfig))
         export = tuple(raw.get("export", ("keras", "onnx")))
         for target in export:
             if target not in EXPORTS:
@@ -213,7 +242,7 @@ class Recipe:
             policy=raw.get("policy", "tensorrt"),
             export=export,
             mlflow=raw.get("mlflow"),
-            tuning=raw.get("tuning"),
+            tuning=None if raw.get("tuning") is None else TuningConfig(**raw["tuning"]),
             base_dir=base_dir,
         )
 

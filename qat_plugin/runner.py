@@ -82,6 +82,27 @@ def _latency_ms(path: Path, example: np.ndarray, runs: int = 50) -> float:
     return 1000 * statistics.median(times)
 
 
+def _prepared(recipe: Recipe, quick: bool):
+    """The recipe's training settings and data; `quick` shrinks both to a smoke run."""
+    data = recipe.data.load(recipe.base_dir)
+    train_cfg = recipe.train
+    if quick:
+        train_cfg = dataclasses.replace(train_cfg, fp32_epochs=min(train_cfg.fp32_epochs, 1), qat_epochs=1)
+        data = tuple(a[:512] for a in data) if len(data) == 4 else (data[0].take(4), data[1].take(2))
+    return train_cfg, data
+
+
+def _compiled_model(recipe: Recipe, train_cfg):
+    model = recipe.model.build()
+    softmax = getattr(model.layers[-1], "activation", None) is keras.activations.softmax
+    model.compile(
+        train_cfg.make_optimizer(),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=not softmax),
+        metrics=["accuracy"],
+    )
+    return model
+
+
 def run_recipe(recipe: Recipe, out_dir: str | Path = "qat_runs", *, quick: bool = False, verbose: int = 1) -> RunSummary:
     """Train, switch to QAT, export and track as the recipe says.
 
@@ -92,29 +113,14 @@ def run_recipe(recipe: Recipe, out_dir: str | Path = "qat_runs", *, quick: bool 
     """
     out = Path(out_dir) / recipe.name
     out.mkdir(parents=True, exist_ok=True)
-    data = recipe.data.load(recipe.base_dir)
-    train_cfg = recipe.train
-    if quick:
-        train_cfg = dataclasses.replace(train_cfg, fp32_epochs=min(train_cfg.fp32_epochs, 1), qat_epochs=1)
+    train_cfg, data = _prepared(recipe, quick)
     if len(data) == 4:
         xt, yt, xv, yv = data
-        if quick:
-            xt, yt, xv, yv = xt[:512], yt[:512], xv[:512], yv[:512]
         fit_data, val, example = dict(x=xt, y=yt, batch_size=train_cfg.batch_size), (xv, yv), xv[:1]
     else:
-        train_ds, val_ds = data
-        if quick:
-            train_ds, val_ds = train_ds.take(4), val_ds.take(2)
-        fit_data, val = dict(x=train_ds), val_ds
-        example = next(iter(val_ds))[0][:1].numpy()
-
-    model = recipe.model.build()
-    softmax = getattr(model.layers[-1], "activation", None) is keras.activations.softmax
-    model.compile(
-        train_cfg.make_optimizer(),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=not softmax),
-        metrics=["accuracy"],
-    )
+        train_ds, val = data
+        fit_data, example = dict(x=train_ds), next(iter(val))[0][:1].numpy()
+    model = _compiled_model(recipe, train_cfg)
     loggers = []
     if recipe.mlflow is not None:
         from qat_plugin.integrations.mlflow import MlflowLogger
@@ -165,3 +171,65 @@ def run_recipe(recipe: Recipe, out_dir: str | Path = "qat_runs", *, quick: bool 
         mlflow_run_id=loggers[0].run_id if loggers else None,
         tracking_uri=loggers[0].tracking_uri_used if loggers else None,
     )
+
+
+def tune_recipe(recipe: Recipe, out_dir: str | Path = "qat_runs", *, quick: bool = False):
+    """Search which layers stay FP32, as the recipe's `tuning` block says; each trial a nested MLflow run.
+
+    Returns `(best_spec, path_of_best_spec_json, trial_rows)`.
+    """
+    import keras_tuner as kt
+    import mlflow
+
+    from qat_plugin.integrations.tuner import (
+        OBJECTIVE,
+        PartialQuantizationHyperModel,
+        PartialQuantizationObjective,
+        get_best_spec,
+        log_search_summary,
+        trial_table,
+    )
+    from qat_plugin.recipes import RecipeError
+    from qat_plugin.sensitivity import sensitivity_analysis
+
+    cfg = recipe.tuning
+    if cfg is None:
+        raise RecipeError(f"Recipe {recipe.name!r} has no `tuning` block; add one (tuner, max_trials, mode, max_drop) to tune it.")
+    train_cfg, data = _prepared(recipe, quick)
+    if len(data) != 4:
+        raise RecipeError("`qat-plugin tune` needs array data (npz, sklearn_digits or keras_dataset) for its validation score.")
+    xt, yt, xv, yv = data
+    out = Path(out_dir) / recipe.name
+    out.mkdir(parents=True, exist_ok=True)
+    build = lambda: _compiled_model(recipe, train_cfg)  # noqa: E731
+    ranking = None
+    if cfg.mode == "top_k":  # rank the layers on one trained FP32 model first
+        model = build()
+        model.fit(xt, yt, epochs=max(train_cfg.fp32_epochs, 1), batch_size=train_cfg.batch_size, verbose=0)
+        ranking = sensitivity_analysis(model, xt[:256], eval_data=(xv, yv), spec=recipe.spec, policy=recipe.policy)
+        print(ranking)
+    mlflow_cfg = recipe.mlflow or {}
+    if mlflow_cfg.get("tracking_uri"):
+        mlflow.set_tracking_uri(mlflow_cfg["tracking_uri"])
+    if mlflow_cfg.get("experiment"):
+        mlflow.set_experiment(mlflow_cfg["experiment"])
+    hypermodel = PartialQuantizationHyperModel(
+        build, fp32_epochs=train_cfg.fp32_epochs, qat_epochs=train_cfg.qat_epochs, layers=ranking, mode=cfg.mode,
+        objective=PartialQuantizationObjective(max_drop=cfg.max_drop, cost=cfg.cost), spec=recipe.spec,
+        policy=recipe.policy, lr_multipliers=cfg.lr_multipliers, calibrators=cfg.calibrators,
+        artifact_dir=str(out / "trials"),
+    )
+    trials = min(cfg.max_trials, 2) if quick else cfg.max_trials
+    common = dict(objective=OBJECTIVE, directory=str(out / "keras_tuner"), project_name="search", overwrite=True)
+    if cfg.tuner == "hyperband":
+        tuner = kt.Hyperband(hypermodel, max_epochs=train_cfg.fp32_epochs + train_cfg.qat_epochs, **common)
+    else:
+        tuner_cls = kt.RandomSearch if cfg.tuner == "random" else kt.BayesianOptimization
+        tuner = tuner_cls(hypermodel, max_trials=trials, **common)
+    with mlflow.start_run(run_name=f"{recipe.name}-search"):
+        tuner.search(xt, yt, validation_data=(xv, yv), batch_size=train_cfg.batch_size, verbose=0)
+        log_search_summary(tuner, artifact_dir=str(out / "search"))
+        spec = get_best_spec(tuner)
+    path = out / "best_spec.json"
+    path.write_text(spec.to_json(indent=1))
+    return spec, path, trial_table(tuner)

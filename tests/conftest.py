@@ -51,3 +51,17 @@ def small_cnn(input_shape=(8, 8, 1), classes=10, seed=0) -> keras.Model:
     out = L.Dense(classes, name="head")(x)
     return keras.Model(inp, out, name="small_cnn")
 
+
+
+@pytest.fixture(autouse=True)
+def _fresh_mlflow_globals():
+    """MLflow keeps the tracking URI and active experiment per process: don't let one test's leak into the next."""
+    yield
+    import sys
+
+    if "mlflow" in sys.modules:
+        import mlflow
+        import mlflow.tracking.fluent
+
+        mlflow.set_tracking_uri(None)
+        mlflow.tracking.fluent._active_experiment_id = None

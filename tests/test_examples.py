@@ -30,3 +30,9 @@ def test_compare_in_mlflow(tmp_path):
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.py")), ids=lambda p: p.name)
 def test_every_example_has_a_quick_mode(path):
     assert "--quick" in path.read_text()
+
+
+def test_tune_partial_quantization(tmp_path):
+    out = _run("tune_partial_quantization.py", tmp_path)
+    assert "best spec:" in out and "quantized val accuracy" in out and "kept in FP32:" in out
+    assert (tmp_path / "mlflow.db").exists()

@@ -73,3 +73,29 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     bad.write_text("name: x\nmodel: {builder: 'qat_plugin.models:small_residual_cnn'}\ndata: {source: sklearn_digits}\ntrain: {epoch: 3}\n")
     assert main(["run", str(bad)]) == 2
     assert "error: Recipe key `train.epoch` is not allowed" in capsys.readouterr().err
+
+
+def test_tuning_block_is_validated():
+    with pytest.raises(RecipeError, match=r"`tuning.tuner` must be one of \('random', 'bayesian', 'hyperband'\)"):
+        Recipe.from_dict({**BASE, "tuning": {"tuner": "grid"}})
+    with pytest.raises(RecipeError, match=r"`tuning.trials` is not allowed.*'max_trials'"):
+        Recipe.from_dict({**BASE, "tuning": {"trials": 3}})
+
+
+def test_cli_tune_writes_a_best_spec_that_loads(tmp_path, monkeypatch, capsys):
+    from qat_plugin import QuantizationSpec
+
+    monkeypatch.chdir(tmp_path)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tune_digits.yaml"
+    assert main(["tune", str(recipe), "--quick", "--out", "runs"]) == 0
+    out = capsys.readouterr().out
+    assert "rank | layer" in out and "best: keep" in out
+    spec = QuantizationSpec.from_json(str(tmp_path / "runs" / "tune-digits" / "best_spec.json"))
+    assert set(spec.exclude) <= {"conv1", "conv2", "conv3", "add", "head"}
+    import mlflow
+
+    runs = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+        [mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("qat-digits-search").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 2

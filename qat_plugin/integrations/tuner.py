@@ -225,7 +225,8 @@ class PartialQuantizationHyperModel(kt.HyperModel):
     def fp32_layers(self, hp) -> list[str]:
         """The layers this trial's hyperparameters keep in FP32."""
         if self.mode == "per_layer":
-            return [n for n in self.layers if hp.values.get(f"fp32/{n}", False)]
+            # Read from the hyperparameters themselves: a distributed chief never builds a model.
+            return [k[len("fp32/"):] for k, v in hp.values.items() if k.startswith("fp32/") and v]
         return list(self.layers[: hp.values.get("keep_fp32_k", 0)])
 
     def spec_for(self, hp) -> QuantizationSpec:
@@ -274,7 +275,6 @@ class PartialQuantizationHyperModel(kt.HyperModel):
         xv, yv = validation[0], validation[1]
         kwargs.setdefault("epochs", self.fp32_epochs + self.qat_epochs)
         epochs = kwargs["epochs"]
-        initial_epoch = kwargs.get("initial_epoch", 0)
         # Hyperband runs short brackets: switch no later than the last epoch.
         start = min(int(hp.values.get("switch_epoch", self.fp32_epochs)), epochs - 1)
         fp32 = self.fp32_layers(hp)
@@ -329,7 +329,8 @@ class PartialQuantizationHyperModel(kt.HyperModel):
         return {
             "score": self.objective.score(q_acc, share, fp32_acc),
             "quantized_accuracy": q_acc,
-            "fp32_accuracy": fp32_acc,
+            # Not `fp32_accuracy`: MlflowLogger logs that name (the FP32 phase's val accuracy).
+            "fp32_reference_accuracy": fp32_acc,
             "accuracy_drop": fp32_acc - q_acc,
             "n_fp32_layers": float(len(fp32)),
             "fp32_share": share,
@@ -360,8 +361,6 @@ def get_best_spec(tuner) -> QuantizationSpec:
     best = tuner.get_best_hyperparameters(1)
     if not best:
         raise ValueError("The tuner has no completed trial yet: run `tuner.search(...)` first.")
-    if hm.layers is None:  # e.g. a chief that built no model itself
-        hm.build(best[0].copy())
     return hm.spec_for(best[0])
 
 
@@ -372,16 +371,16 @@ def trial_table(tuner) -> list[dict]:
     for trial in tuner.oracle.trials.values():
         if trial.status != "COMPLETED":
             continue
-        get = lambda k: trial.metrics.get_last_value(k) if trial.metrics.exists(k) else float("nan")  # noqa: E731
+        metrics = trial.metrics
         rows.append({
             "trial_id": trial.trial_id,
             "fp32_layers": hm.fp32_layers(trial.hyperparameters),
-            **{k: get(k) for k in ("score", "quantized_accuracy", "fp32_accuracy", "fp32_share", "quantized_mac_share", "n_fp32_layers")},
+            **{k: metrics.get_last_value(k) if metrics.exists(k) else float("nan") for k in ("score", "quantized_accuracy", "fp32_reference_accuracy", "fp32_share", "quantized_mac_share", "n_fp32_layers")},
         })
     return sorted(rows, key=lambda r: -r["score"])
 
 
-def _pareto_plot(rows: list[dict], path: Path) -> Path:
+def _pareto_plot(rows: list[dict], path: Path, reference: float | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -398,8 +397,11 @@ def _pareto_plot(rows: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.scatter(share, acc, label="trials", alpha=0.6)
     ax.plot(share[front], acc[front], "r.-", label="Pareto front")
-    fp32 = np.nanmax([r["fp32_accuracy"] for r in rows])
-    ax.axhline(fp32, color="gray", linestyle="--", linewidth=0.8, label=f"FP32 {fp32:.4f}")
+    if reference is None:  # each trial's weights without quantizers: show their median
+        reference, what = float(np.nanmedian([r["fp32_reference_accuracy"] for r in rows])), "FP32 (median of trials)"
+    else:
+        what = "FP32 reference"
+    ax.axhline(reference, color="gray", linestyle="--", linewidth=0.8, label=f"{what} {reference:.4f}")
     ax.set_xlabel("FP32 share")
     ax.set_ylabel("quantized validation accuracy")
     ax.legend(fontsize=7)
@@ -426,7 +428,7 @@ def log_search_summary(tuner, run_id: str | None = None, artifact_dir: str | Non
     out = Path(artifact_dir or tempfile.mkdtemp(prefix="qat_search_"))
     out.mkdir(parents=True, exist_ok=True)
     files = {
-        "pareto": _pareto_plot(rows, out / "pareto.png"),
+        "pareto": _pareto_plot(rows, out / "pareto.png", hm.objective.reference_accuracy),
         "best_spec": out / "best_spec.json",
         "trials": out / "trials.json",
     }
