@@ -88,7 +88,7 @@ def iterate_inputs(data, batch_size: int = 32) -> Iterator:
     """
     if isinstance(data, tuple) and 1 <= len(data) <= 3:
         data = data[0]
-    if isinstance(data, np.ndarray) or hasattr(data, "__array__") and not hasattr(data, "__iter__"):
+    if isinstance(data, np.ndarray) or (hasattr(data, "__array__") and hasattr(data, "shape")):  # tf.Tensor too
         data = np.asarray(data)
         for start in range(0, len(data), batch_size):
             yield data[start : start + batch_size]

@@ -43,6 +43,7 @@ def test_iterate_inputs_follows_keras_data_conventions():
     assert [b.shape for b in iterate_inputs((x, y), batch_size=2)] == [(2, 2), (2, 2), (1, 2)]
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
     assert [tuple(b.shape) for b in iterate_inputs(ds)] == [(4, 2), (1, 2)]
+    assert [tuple(b.shape) for b in iterate_inputs(tf.constant(x), batch_size=4)] == [(4, 2), (1, 2)]
     multi = list(iterate_inputs([x, x + 1], batch_size=5))
     assert len(multi) == 1 and np.array_equal(multi[0][1], x + 1)
 
