@@ -90,8 +90,8 @@ class DataConfig:
         if need and not getattr(self, need):
             raise RecipeError(f"`data.source: {self.source}` needs `data.{need}`.")
 
-    def load(self, base: Path = Path(".")):
-        """(x_train, y_train, x_val, y_val) as arrays, or (train_ds, val_ds) for image directories."""
+    def load(self, base: Path = Path("."), batch_size: int = 32):
+        """(x_train, y_train, x_val, y_val) as arrays, or batched (train_ds, val_ds) for image directories."""
         if self.source == "sklearn_digits":
             from sklearn.datasets import load_digits
 
@@ -109,7 +109,8 @@ class DataConfig:
             return self._limit(self._images(xt), yt.reshape(-1).astype("int32"), self._images(xv), yv.reshape(-1).astype("int32"))
         import keras
 
-        kwargs = dict(validation_split=self.validation_split, seed=0, image_size=tuple(self.image_size or (224, 224)))
+        kwargs = dict(validation_split=self.validation_split, seed=0, image_size=tuple(self.image_size or (224, 224)),
+                      batch_size=batch_size)
         train = keras.utils.image_dataset_from_directory(base / self.path, subset="training", **kwargs)
         val = keras.utils.image_dataset_from_directory(base / self.path, subset="validation", **kwargs)
         scale = lambda x, y: (x / 255.0, y)  # noqa: E731

@@ -84,8 +84,8 @@ def _latency_ms(path: Path, example: np.ndarray, runs: int = 50) -> float:
 
 def _prepared(recipe: Recipe, quick: bool):
     """The recipe's training settings and data; `quick` shrinks both to a smoke run."""
-    data = recipe.data.load(recipe.base_dir)
     train_cfg = recipe.train
+    data = recipe.data.load(recipe.base_dir, batch_size=train_cfg.batch_size)
     if quick:
         train_cfg = dataclasses.replace(train_cfg, fp32_epochs=min(train_cfg.fp32_epochs, 1), qat_epochs=1)
         data = tuple(a[:512] for a in data) if len(data) == 4 else (data[0].take(4), data[1].take(2))
