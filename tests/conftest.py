@@ -55,8 +55,15 @@ def small_cnn(input_shape=(8, 8, 1), classes=10, seed=0) -> keras.Model:
 
 @pytest.fixture(autouse=True)
 def _fresh_mlflow_globals():
-    """MLflow keeps the tracking URI and active experiment per process: don't let one test's leak into the next."""
+    """MLflow keeps the tracking URI and active experiment per process (`set_experiment` also
+    exports MLFLOW_EXPERIMENT_ID): don't let one test's leak into the next."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_URI")}
     yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     import sys
 
     if "mlflow" in sys.modules:
