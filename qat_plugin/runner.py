@@ -60,9 +60,8 @@ class _FP32Probe(keras.callbacks.Callback):
 
 
 def _accuracy(model, val) -> float:
-    return float(model.evaluate(*val, verbose=0, return_dict=True)["accuracy"]) if isinstance(val, tuple) else float(
-        model.evaluate(val, verbose=0, return_dict=True)["accuracy"]
-    )
+    args = val if isinstance(val, tuple) else (val,)  # (x, y) arrays, or a dataset of batches
+    return float(model.evaluate(*args, verbose=0, return_dict=True)["accuracy"])
 
 
 def _latency_ms(path: Path, example: np.ndarray, runs: int = 50) -> float:

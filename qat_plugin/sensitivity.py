@@ -24,7 +24,9 @@ import numpy as np
 
 from qat_plugin.config import PlacementPolicy, QuantizationSpec
 from qat_plugin.errors import SpecError
+from qat_plugin.calibration import calibrate
 from qat_plugin.transform import _all_layers, check_model, quantize_model
+from qat_plugin.wrappers import quantize_wrappers
 
 
 def accuracy(y_true, y_pred) -> float:
@@ -246,11 +248,22 @@ def sensitivity_analysis(
     kinds = {d.name: d.class_name for d in full.qat_report.layers}
     macs = layer_macs(model)
 
+    # Calibration runs the model in float, so a quantizer's range doesn't depend on which other
+    # layers are quantized: measure once on the full model, reuse for every partial one.
+    ranges = {f"{w.inner_name}/{r['label']}": r["amax"] for w in quantize_wrappers(full)
+              for r in w.quantizer_ranges() if r["slot"][0] != "weight"}
+
     def measured(s: QuantizationSpec, fallback: float) -> float:
         try:
-            q = quantize_model(model, s, policy, calibration_data=x_cal)
+            q = quantize_model(model, s, policy)
         except SpecError:  # nothing left to quantize (e.g. an add with no quantizer of its own)
             return fallback
+        slots = [(w, r) for w in quantize_wrappers(q) for r in w.quantizer_ranges() if r["slot"][0] != "weight"]
+        if all(f"{w.inner_name}/{r['label']}" in ranges for w, r in slots):
+            for w, r in slots:
+                w.amax_variable(r["slot"]).assign(ranges[f"{w.inner_name}/{r['label']}"])
+        else:  # e.g. an add whose quantized inputs change with its neighbours: calibrate this one
+            calibrate(q, x_cal, method=s.calibrator, percentile=s.percentile, num_batches=s.calibration_batches)
         return _evaluate(q, x, y, metric, batch_size)
 
     rows = []

@@ -23,6 +23,7 @@ import keras
 import numpy as np
 
 from qat_plugin.report import list_quantizers
+from qat_plugin.sensitivity import accuracy
 from qat_plugin.wrappers import quantize_wrappers
 
 JOURNAL = "mlflow_pending.jsonl"
@@ -175,14 +176,6 @@ def _flatten_params(prefix: str, config: dict) -> dict[str, str]:
     return out
 
 
-def _accuracy(y_true, y_pred) -> float:
-    y_true = np.asarray(y_true)
-    pred = np.argmax(np.asarray(y_pred), axis=-1)
-    if y_true.ndim == pred.ndim + 1:
-        y_true = np.argmax(y_true, axis=-1)
-    return float(np.mean(pred == y_true.reshape(pred.shape)))
-
-
 @dataclasses.dataclass
 class MlflowLogger:
     """Logs a `QATCallback` run to MLflow.
@@ -292,7 +285,7 @@ class MlflowLogger:
     def before_switch(self, cb) -> None:
         if self.eval_data is not None:
             x, y = self.eval_data
-            self._fp32_accuracy = _accuracy(y, cb.model.predict(x, verbose=0))
+            self._fp32_accuracy = accuracy(y, cb.model.predict(x, verbose=0))
             self._submit_batch(metrics={"fp32_accuracy": self._fp32_accuracy}, step=cb._epoch)
 
     def on_switch(self, cb) -> None:
@@ -339,7 +332,7 @@ class MlflowLogger:
         x = y = None
         if self.eval_data is not None:
             x, y = self.eval_data
-            metrics["quantized_accuracy" if cb._quantized else "fp32_accuracy"] = _accuracy(y, model.predict(x, verbose=0))
+            metrics["quantized_accuracy" if cb._quantized else "fp32_accuracy"] = accuracy(y, model.predict(x, verbose=0))
         if cb._quantized:
             metrics.update(self._amax_metrics(model))
             self._log_ranges(model, "ranges_final.json")
@@ -367,7 +360,7 @@ class MlflowLogger:
             self.files["onnx"] = onnx_path
             self._log_file(onnx_path, "model_files")
             if x is not None:
-                self._submit_batch(metrics={"onnx_accuracy": _accuracy(y, run_onnx(onnx_path, x))}, step=step)
+                self._submit_batch(metrics={"onnx_accuracy": accuracy(y, run_onnx(onnx_path, x))}, step=step)
 
     # ---------------------------------------------------------------- helpers
 
