@@ -290,6 +290,9 @@ class QuantizationSpec:
         return cls.from_config(json.loads(text))
 
 
+RUNTIMES = ("tensorrt", "onnxruntime", "tflite")
+
+
 @dataclasses.dataclass(frozen=True)
 class PlacementPolicy:
     """Where quantizers go, for the runtime the model will ship to.
@@ -303,11 +306,26 @@ class PlacementPolicy:
             layers: `"one_unquantized"` leaves one such input in high
             precision so TensorRT fuses the add into that conv (NVIDIA's
             recipe); `"all"` quantizes every input.
+        fold_batchnorm: a `BatchNormalization` right after a conv (its only
+            consumer) is folded into it during QAT: the folded kernel is what
+            gets fake-quantized, with the BatchNorm's moving statistics
+            (frozen from the switch on), so the exported file computes
+            exactly what was trained.
+        fuse_activations: a ReLU right after a quantized layer moves into its
+            wrapper, so the output quantizer sits after it (unsigned: a
+            ReLU's output is never negative). Integer runtimes then drop the
+            ReLU into the int8 kernel.
+        reuse_output_ranges: an input that its producer's output quantizer
+            already quantized is not quantized again (one Q/DQ per tensor).
+        runtime: which exporter this placement is meant for:
+            `"tensorrt"`, `"onnxruntime"` or `"tflite"`.
 
     Example:
 
     >>> get_policy("tensorrt").quantize_outputs
     False
+    >>> get_policy("onnxruntime").fold_batchnorm
+    True
     """
 
     name: str
@@ -315,19 +333,48 @@ class PlacementPolicy:
     quantize_weights: bool = True
     quantize_outputs: bool = False
     residual_add: str = "one_unquantized"
+    fold_batchnorm: bool = False
+    fuse_activations: bool = False
+    reuse_output_ranges: bool = False
+    runtime: str = "tensorrt"
 
     def __post_init__(self):
         if self.residual_add not in ("one_unquantized", "all"):
             raise SpecError(f"`residual_add` must be 'one_unquantized' or 'all'. Received: {self.residual_add!r}")
         if not (self.quantize_inputs or self.quantize_weights or self.quantize_outputs):
             raise SpecError("A placement policy must quantize inputs, weights or outputs; this one quantizes nothing.")
+        if self.runtime not in RUNTIMES:
+            raise SpecError(f"`runtime` must be one of {RUNTIMES}. Received: runtime={self.runtime!r}")
+        if self.fuse_activations and not self.quantize_outputs:
+            raise SpecError(
+                "`fuse_activations=True` moves the output quantizer after the activation, so it needs "
+                "`quantize_outputs=True`."
+            )
+        if self.reuse_output_ranges and not self.quantize_outputs:
+            raise SpecError("`reuse_output_ranges=True` reuses output quantizers, so it needs `quantize_outputs=True`.")
 
 
 # NVIDIA's TensorRT recipe: Q/DQ on the inputs and weights of conv/matmul
 # layers, on the residual input of adds, and on pooling and concat inputs.
 TENSORRT = PlacementPolicy(name="tensorrt")
 
-POLICIES: dict[str, PlacementPolicy] = {"tensorrt": TENSORRT}
+# Integer kernels on CPUs (onnxruntime's QLinearConv/QGemm, TFLite's int8
+# ops) read a quantized input and write a quantized output, with BatchNorm
+# and ReLU folded in: every tensor between quantized layers is quantized once.
+ONNXRUNTIME = PlacementPolicy(
+    name="onnxruntime",
+    quantize_outputs=True,
+    residual_add="all",
+    fold_batchnorm=True,
+    fuse_activations=True,
+    reuse_output_ranges=True,
+    runtime="onnxruntime",
+)
+# TFMOT's placement (weights and outputs, BatchNorm folded, ReLU fused) is the
+# same tensor-by-tensor scheme; only the exporter differs.
+TFLITE = dataclasses.replace(ONNXRUNTIME, name="tflite", runtime="tflite")
+
+POLICIES: dict[str, PlacementPolicy] = {p.name: p for p in (TENSORRT, ONNXRUNTIME, TFLITE)}
 
 
 def get_policy(policy: str | PlacementPolicy) -> PlacementPolicy:
