@@ -88,7 +88,14 @@ def test_policies():
     assert get_policy("tensorrt").quantize_inputs and not get_policy("tensorrt").quantize_outputs
     custom = PlacementPolicy("mine", quantize_outputs=True)
     assert get_policy(custom) is custom
-    with pytest.raises(SpecError, match=r"Unknown placement policy 'tensorRT'. Available: \['tensorrt'\]"):
+    with pytest.raises(SpecError, match=r"Unknown placement policy 'tensorRT'. Available: \['onnxruntime', 'tensorrt', 'tflite'\]"):
         get_policy("tensorRT")
+    cpu = get_policy("onnxruntime")
+    assert cpu.quantize_outputs and cpu.fold_batchnorm and cpu.fuse_activations and cpu.reuse_output_ranges
+    assert get_policy("tflite").runtime == "tflite"
+    with pytest.raises(SpecError, match="needs `quantize_outputs=True`"):
+        PlacementPolicy("bad", fuse_activations=True)
+    with pytest.raises(SpecError, match="`runtime` must be one of"):
+        PlacementPolicy("bad", runtime="coreml")
     with pytest.raises(SpecError, match="quantizes nothing"):
         PlacementPolicy("none", quantize_inputs=False, quantize_weights=False)
