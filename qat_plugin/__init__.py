@@ -19,7 +19,8 @@ from qat_plugin.errors import (
     SwapError,
     UnsupportedModelError,
 )
-from qat_plugin.export.onnx import export_onnx, qdq_pairs, run_onnx
+from qat_plugin.export.onnx import export_onnx, ort_kernels, qdq_pairs, run_onnx
+from qat_plugin.export.tensorrt import TensorRTCheck, TensorRTProblem, check_tensorrt
 from qat_plugin.quantizers import TensorQuantizer
 from qat_plugin.report import QuantizerInfo, describe, list_quantizers
 from qat_plugin.sensitivity import SensitivityReport, sensitivity_analysis
@@ -44,12 +45,16 @@ __all__ = [
     "SpecError",
     "SwapError",
     "TensorQuantizer",
+    "TensorRTCheck",
+    "TensorRTProblem",
     "UnsupportedModelError",
     "calibrate",
+    "check_tensorrt",
     "describe",
     "export_onnx",
     "get_policy",
     "list_quantizers",
+    "ort_kernels",
     "qdq_pairs",
     "quantize_model",
     "quantize_wrappers",

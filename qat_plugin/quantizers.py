@@ -52,6 +52,23 @@ def fake_quant_per_tensor(x, amax, bits: int = 8):
     )
 
 
+def fake_quant_unsigned(x, amax, bits: int = 8):
+    """Quantize-dequantize a non-negative `x` to `2**bits` levels in [0, amax].
+
+    For a ReLU's output: all levels are usable (a signed grid wastes half),
+    and tf2onnx writes it as uint8 with zero point 0, the type onnxruntime's
+    integer kernels take.
+
+    >>> import tensorflow as tf
+    >>> [round(float(v), 4) for v in fake_quant_unsigned(tf.constant([0.3, -1.0, 9.0]), tf.constant(1.0), 8)]
+    [0.298, 0.0, 1.0]
+    """
+    amax = tf.stop_gradient(tf.maximum(tf.cast(amax, x.dtype), _TINY))
+    return tf.quantization.quantize_and_dequantize_v2(
+        x, tf.zeros_like(amax), amax, signed_input=False, num_bits=bits, range_given=True, narrow_range=False
+    )
+
+
 def fake_quant_per_channel(w, amax, axis: int, bits: int = 8):
     """Quantize-dequantize `w` with one symmetric range per slice along `axis`."""
     amax = tf.stop_gradient(tf.maximum(tf.cast(amax, w.dtype), _TINY))
@@ -80,6 +97,8 @@ class TensorQuantizer(keras.quantizers.Quantizer):
             [-(2**(bits-1) - 1), 2**(bits-1) - 1], zero point 0.
         axis: channel axis for a per-channel quantizer, or `None` for one
             range for the whole tensor.
+        unsigned: for tensors that are never negative (after a ReLU): the
+            grid is [0, 2**bits - 1] over [0, amax]. Per tensor only.
 
     Example:
 
@@ -92,12 +111,17 @@ class TensorQuantizer(keras.quantizers.Quantizer):
     True
     """
 
-    def __init__(self, bits: int = 8, axis: int | None = None, output_dtype: str = "int8"):
-        super().__init__(output_dtype=output_dtype)
+    def __init__(
+        self, bits: int = 8, axis: int | None = None, output_dtype: str | None = None, unsigned: bool = False
+    ):
+        super().__init__(output_dtype=output_dtype or ("uint8" if unsigned else "int8"))
         self.bits = check_bits(bits)
         if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
             raise ValueError(f"`axis` must be an int or None. Received: axis={axis!r}")
+        if unsigned and axis is not None:
+            raise ValueError("An unsigned quantizer is per tensor (for activations); pass axis=None.")
         self.axis = axis
+        self.unsigned = bool(unsigned)
 
     @property
     def per_channel(self) -> bool:
@@ -114,6 +138,8 @@ class TensorQuantizer(keras.quantizers.Quantizer):
 
     def quantize(self, x, amax):
         """Fake-quantize `x` with the given range(s)."""
+        if self.unsigned:
+            return fake_quant_unsigned(x, amax, self.bits)
         if self.axis is None:
             return fake_quant_per_tensor(x, amax, self.bits)
         return fake_quant_per_channel(x, amax, self.axis % x.shape.rank, self.bits)
@@ -123,10 +149,11 @@ class TensorQuantizer(keras.quantizers.Quantizer):
         return self.quantize(x, self.compute_amax(x) if amax is None else amax)
 
     def get_config(self) -> dict:
-        return {"bits": self.bits, "axis": self.axis, "output_dtype": self.output_dtype}
+        return {"bits": self.bits, "axis": self.axis, "output_dtype": self.output_dtype, "unsigned": self.unsigned}
 
     def __eq__(self, other):
         return isinstance(other, TensorQuantizer) and self.get_config() == other.get_config()
 
     def __repr__(self):
-        return f"TensorQuantizer(bits={self.bits}, axis={self.axis})"
+        unsigned = ", unsigned=True" if self.unsigned else ""
+        return f"TensorQuantizer(bits={self.bits}, axis={self.axis}{unsigned})"

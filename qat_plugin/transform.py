@@ -24,7 +24,7 @@ from qat_plugin.config import (
 )
 from qat_plugin.errors import AlreadyQuantizedError, SpecError, UnsupportedModelError
 from qat_plugin.quantizers import TensorQuantizer
-from qat_plugin.wrappers import QuantizeWrapper, layer_kind, quantize_wrappers, supported_types
+from qat_plugin.wrappers import Absorbed, QuantizeWrapper, foldable_attr, is_relu, layer_kind, quantize_wrappers, supported_types
 
 # Layers between a conv and an add that TensorRT fuses through.
 _FUSE_THROUGH = ("BatchNormalization", "Activation", "ReLU")
@@ -150,6 +150,55 @@ def _residual_inputs(layer, weighted_ids: set[int], policy: PlacementPolicy) -> 
     return tuple(i for i in range(n) if i != keep_float)
 
 
+def _sole_consumer(layer, model_outputs: set[int]):
+    """The one layer that reads `layer`'s one output, if exactly one does and it isn't a model output."""
+    if len(layer._inbound_nodes) != 1 or len(layer._outbound_nodes) != 1:
+        return None  # shared layers and forks keep their own tensors
+    outputs = layer._inbound_nodes[0].output_tensors
+    if len(outputs) != 1 or id(outputs[0]) in model_outputs:
+        return None
+    consumer = layer._outbound_nodes[0].operation
+    if len(consumer._inbound_nodes) != 1 or len(consumer._inbound_nodes[0].input_tensors) != 1:
+        return None
+    return consumer
+
+
+def _model_outputs(model) -> set[int]:
+    ids = set()
+
+    def walk(m):
+        ids.update(id(t) for t in m.outputs)
+        for layer in m.layers:
+            if _is_graph_model(layer):
+                walk(layer)
+
+    walk(model)
+    return ids
+
+
+def _absorbed(layer, policy: PlacementPolicy, model_outputs: set[int]) -> dict:
+    """The BatchNorm and ReLU right after `layer` that its wrapper takes over."""
+    found, tail = {}, layer
+    nxt = _sole_consumer(tail, model_outputs)
+    if (
+        policy.fold_batchnorm
+        and isinstance(nxt, keras.layers.BatchNormalization)
+        and foldable_attr(layer) is not None
+        and nxt.axis in (-1, len(nxt._inbound_nodes[0].input_tensors[0].shape) - 1)
+    ):
+        found["batchnorm"], tail = nxt, nxt
+        nxt = _sole_consumer(tail, model_outputs)
+    if policy.fuse_activations and is_relu(nxt) and isinstance(nxt, (keras.layers.ReLU, keras.layers.Activation)):
+        found["activation"] = nxt
+    return found
+
+
+def _owner(tensor, owners: dict[int, object]):
+    """The wrapped layer whose output (after what it absorbed) is `tensor`, if any."""
+    history = getattr(tensor, "_keras_history", None)
+    return None if history is None else owners.get(id(history.operation))
+
+
 def _check_names(spec: QuantizationSpec, layers: list) -> None:
     names = [layer.name for layer in layers]
     groups = [("layers", spec.layers or ()), ("exclude", spec.exclude), ("overrides", tuple(spec.overrides))]
@@ -204,7 +253,8 @@ def plan_quantization(model: keras.Model, spec: QuantizationSpec, policy: Placem
     """Decide, for every layer, which quantizers it gets.
 
     Returns `(plan, report)`: `plan` maps `id(layer)` to the keyword
-    arguments of its `QuantizeWrapper`.
+    arguments of its `QuantizeWrapper`, and the id of every layer a wrapper
+    absorbs (a folded BatchNorm, a fused ReLU) to `None`.
     """
     layers = _all_layers(model)
     _check_names(spec, layers)
@@ -213,8 +263,32 @@ def plan_quantization(model: keras.Model, spec: QuantizationSpec, policy: Placem
     selection = {id(l): _selected(l, spec) for l in layers}
     weighted = {id(l) for l in layers if selection[id(l)][0] and layer_kind(l).weights and policy.quantize_weights}
 
+    # First pass: what each chosen layer absorbs, so the second knows which
+    # tensors are already quantized by their producer's output quantizer.
+    outputs = _model_outputs(model)
+    absorbed: dict[int, dict] = {}
+    absorbed_by: dict[int, str] = {}
+    for layer in layers:
+        if selection[id(layer)][0] and layer_kind(layer) is not None and policy.quantize_outputs:
+            found = {k: v for k, v in _absorbed(layer, policy, outputs).items() if not selection.get(id(v), (False,))[0]}
+            absorbed[id(layer)] = found
+            absorbed_by.update({id(v): layer.name for v in found.values()})
+    # Which layer's (absorbed) output is quantized: the last absorbed layer, or the layer itself.
+    quantized_tail = {}
+    for layer in layers:
+        if id(layer) in absorbed:
+            found = absorbed[id(layer)]
+            tail = found.get("activation") or found.get("batchnorm") or layer
+            quantized_tail[id(tail)] = layer
+
     plan, decisions = {}, []
     for layer in layers:
+        if id(layer) in absorbed_by:
+            owner = absorbed_by[id(layer)]
+            verb = "folded into" if isinstance(layer, keras.layers.BatchNormalization) else "fused into"
+            plan[id(layer)] = None
+            decisions.append(LayerDecision(layer.name, type(layer).__name__, False, f"{verb} {owner!r}"))
+            continue
         chosen, reason = selection[id(layer)]
         kind = layer_kind(layer) if chosen else None
         override = spec.override_for(layer.name)
@@ -237,12 +311,17 @@ def plan_quantization(model: keras.Model, spec: QuantizationSpec, policy: Placem
             inputs = override.inputs
         if chosen and inputs and max(inputs) >= _num_inputs(layer):
             raise SpecError(f"Layer {layer.name!r} has {_num_inputs(layer)} input(s); the spec asks to quantize input(s) {inputs}.")
-        output = TensorQuantizer(a_bits) if chosen and policy.quantize_outputs else None
+        if chosen and policy.reuse_output_ranges and inputs and override.inputs is None and layer._inbound_nodes:
+            tensors = layer._inbound_nodes[0].input_tensors
+            inputs = tuple(i for i in inputs if _owner(tensors[i], quantized_tail) is None)
+        fused = absorbed.get(id(layer), {})
+        unsigned = is_relu(fused.get("activation") or layer)
+        output = TensorQuantizer(a_bits, unsigned=unsigned) if chosen and policy.quantize_outputs else None
         if chosen and not (inputs or weights or output):
             chosen, reason = False, "no quantizer left after the spec's overrides"
         if chosen:
             slots = [TensorQuantizer(a_bits) if i in inputs else None for i in range(max(inputs) + 1)] if inputs else []
-            plan[id(layer)] = dict(input_quantizers=slots, weight_quantizers=weights, output_quantizer=output)
+            plan[id(layer)] = dict(input_quantizers=slots, weight_quantizers=weights, output_quantizer=output, **fused)
         decisions.append(LayerDecision(layer.name, type(layer).__name__, chosen, reason))
     if not plan:
         raise SpecError(
@@ -262,12 +341,23 @@ def clone_and_wrap(model: keras.Model, plan: dict, *, share_weights: bool) -> ke
     """
     copies = []
 
-    def clone_function(layer):
+    def copy(layer):
         new = layer if share_weights else layer.__class__.from_config(layer.get_config())
         if not share_weights:
             copies.append((layer, new))
+        return new
+
+    def clone_function(layer):
+        if id(layer) in plan and plan[id(layer)] is None:
+            # Absorbed by a wrapper: its place in the graph becomes a no-op.
+            return Absorbed(name=layer.name)
+        new = copy(layer)
         if id(layer) in plan:
-            return QuantizeWrapper(new, **plan[id(layer)])
+            kwargs = dict(plan[id(layer)])
+            for key in ("batchnorm", "activation"):
+                if kwargs.get(key) is not None:
+                    kwargs[key] = copy(kwargs[key])
+            return QuantizeWrapper(new, **kwargs)
         return new
 
     qmodel = keras.models.clone_model(model, clone_function=clone_function, recursive=True)

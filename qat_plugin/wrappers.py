@@ -98,6 +98,31 @@ for _cls in (
 del L, _cls
 
 
+def is_relu(layer) -> bool:
+    """A ReLU (clipped or not) whose output is never negative: an unsigned quantizer fits it."""
+    if isinstance(layer, keras.layers.ReLU):
+        return not layer.negative_slope and not layer.threshold
+    if isinstance(layer, keras.layers.Activation) or hasattr(layer, "activation"):
+        fn = getattr(layer, "activation", None)
+        return getattr(fn, "__name__", None) in ("relu", "relu6")
+    return False
+
+
+def is_linear(layer) -> bool:
+    fn = getattr(layer, "activation", None)
+    return fn is None or getattr(fn, "__name__", None) == "linear"
+
+
+def foldable_attr(layer) -> str | None:
+    """The weight of `layer` whose output channels a following BatchNorm scales, if any."""
+    kind = layer_kind(layer)
+    if kind is None or not kind.weights or not is_linear(layer):
+        return None
+    if isinstance(layer, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)):
+        return None  # groups/transposed layouts: not worth the special case
+    return kind.weights[-1][0]  # separable convs: the pointwise kernel makes the output
+
+
 def _weight_label(attr: str, n_weights: int) -> str:
     return "weight" if n_weights == 1 else f"weight_{attr.lstrip('_')}"
 
@@ -112,11 +137,21 @@ class QuantizeWrapper(keras.layers.Wrapper):
     The wrapped layer keeps its own float weights; training updates them
     through straight-through gradients.
 
+    With `batchnorm`, the BatchNormalization that follows the layer is folded
+    into it: the kernel scaled by `gamma / sqrt(moving_variance + epsilon)`
+    is what gets fake-quantized, and the bias absorbs the rest, so the
+    exported file runs exactly the trained computation. The moving statistics
+    are frozen (the folded model is trained with them), `gamma` and `beta`
+    keep training. With `activation`, that layer runs after the (folded)
+    layer and before the output quantizer.
+
     Args:
         layer: the layer to wrap.
         input_quantizers: one `TensorQuantizer` or `None` per input position.
         weight_quantizers: `{attribute: TensorQuantizer}` for the layer's weights.
         output_quantizer: a `TensorQuantizer` for the output, or `None`.
+        batchnorm: a `BatchNormalization` (last axis) to fold, or `None`.
+        activation: an activation layer to run before the output quantizer.
 
     Example:
 
@@ -135,6 +170,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         input_quantizers: Sequence[TensorQuantizer | None] = (),
         weight_quantizers: dict[str, TensorQuantizer] | None = None,
         output_quantizer: TensorQuantizer | None = None,
+        batchnorm: keras.layers.BatchNormalization | None = None,
+        activation: keras.layers.Layer | None = None,
         **kwargs,
     ):
         # Same name as the wrapped layer: `get_layer`, output names (and so
@@ -149,6 +186,15 @@ class QuantizeWrapper(keras.layers.Wrapper):
             raise ValueError(f"QuantizeWrapper around {layer.name!r} has no quantizer: pass at least one.")
         if getattr(layer, "lora_enabled", False):
             raise ValueError(f"Layer {layer.name!r} has LoRA enabled; merge or disable LoRA before quantizing it.")
+        self.batchnorm = self._sublayer(batchnorm)
+        self.activation = self._sublayer(activation)
+        if self.batchnorm is not None:
+            self._fold_attr = foldable_attr(layer)
+            if self._fold_attr is None:
+                raise ValueError(
+                    f"Can't fold BatchNorm {self.batchnorm.name!r} into {layer.name!r} "
+                    f"({type(layer).__name__}): only convs and dense layers with a linear activation fold."
+                )
         # Set by `qat_plugin.calibrate` while it reads activations; never saved.
         self._calibration_hook: Callable | None = None
         # While True, training steps move activation ranges towards each
@@ -164,8 +210,20 @@ class QuantizeWrapper(keras.layers.Wrapper):
             return keras.saving.deserialize_keras_object(q)
         raise TypeError(f"Expected a TensorQuantizer or None. Received: {q!r}")
 
+    @staticmethod
+    def _sublayer(layer):
+        if layer is None or isinstance(layer, keras.layers.Layer):
+            return layer
+        if isinstance(layer, dict):
+            return keras.saving.deserialize_keras_object(layer)
+        raise TypeError(f"Expected a keras.layers.Layer or None. Received: {layer!r}")
+
     def build(self, input_shape=None):
         super().build(input_shape)
+        out_shape = self.layer.compute_output_shape(input_shape)
+        for sub in (self.batchnorm, self.activation):
+            if sub is not None and not sub.built:
+                sub.build(out_shape)
         for attr in self.weight_quantizers:
             if not hasattr(self.layer, attr):
                 raise ValueError(f"Layer {self.layer.name!r} has no weight attribute {attr!r} to quantize.")
@@ -214,19 +272,36 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if training is not None and self.layer._call_has_training_arg:
             kwargs["training"] = training
         x = self._quantize_inputs(inputs, training)
-        originals = {}
-        if self._calibration_hook is None:
-            for attr, q in self.weight_quantizers.items():
-                var = getattr(self.layer, attr)
-                originals[attr] = var
-                # Swap the fake-quantized tensor in where the layer's own
-                # `call` reads the weight; restored right after.
-                object.__setattr__(self.layer, attr, q(ops.cast(var, self.layer.compute_dtype)))
+        calibrating = self._calibration_hook is not None
+        swaps, extra_bias = {}, None
+        attrs = list(self.weight_quantizers)
+        if self.batchnorm is not None and self._fold_attr not in attrs:
+            attrs.append(self._fold_attr)
+        for attr in attrs:
+            value = self.weight_value(attr)
+            if attr in self.weight_quantizers and not calibrating:
+                value = self.weight_quantizers[attr](value)
+            swaps[attr] = value
+        if self.batchnorm is not None:
+            bias = self._folded_bias()
+            if getattr(self.layer, "bias", None) is not None:
+                swaps["bias"] = bias
+            else:
+                extra_bias = bias
+        # Swap the (folded, fake-quantized) tensors in where the layer's own
+        # `call` reads them; restored right after.
+        originals = {attr: getattr(self.layer, attr) for attr in swaps}
         try:
+            for attr, value in swaps.items():
+                object.__setattr__(self.layer, attr, value)
             y = self.layer.call(x, **kwargs)
         finally:
             for attr, var in originals.items():
                 object.__setattr__(self.layer, attr, var)
+        if extra_bias is not None:
+            y = y + ops.cast(extra_bias, y.dtype)
+        if self.activation is not None:
+            y = self.activation(y)
         if self.output_quantizer is not None:
             if self._calibration_hook is not None:
                 self._calibration_hook(self, ("output", 0), y)
@@ -236,6 +311,31 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
+
+    def _bn_scale(self):
+        bn = self.batchnorm
+        inv = ops.rsqrt(ops.cast(bn.moving_variance, "float32") + bn.epsilon)
+        return inv * bn.gamma if bn.scale else inv
+
+    def _folded_bias(self):
+        bn, scale = self.batchnorm, self._bn_scale()
+        bias = -ops.cast(bn.moving_mean, "float32") * scale
+        if bn.center:
+            bias = bias + bn.beta
+        if getattr(self.layer, "bias", None) is not None:
+            bias = bias + self.layer.bias * scale
+        return ops.cast(bias, self.layer.compute_dtype)
+
+    def weight_value(self, attr: str):
+        """The float weight the layer computes with: folded with the BatchNorm if there is one."""
+        w = ops.cast(getattr(self.layer, attr), self.layer.compute_dtype)
+        if self.batchnorm is None or attr != self._fold_attr:
+            return w
+        scale = ops.cast(self._bn_scale(), w.dtype)
+        if isinstance(self.layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+            # (..., in, multiplier): output channel = in * multiplier + m.
+            scale = ops.reshape(scale, tuple(w.shape[-2:]))
+        return w * scale
 
     def quantizer_ranges(self) -> list[dict]:
         """Every quantizer of this layer with its current range (numpy).
@@ -251,7 +351,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 label = "input" if n_inputs == 1 and i == 0 else f"input_{i}"
                 rows.append(dict(label=label, slot=("input", i), quantizer=q, amax=np.asarray(self.input_amax[i])))
         for attr, q in self.weight_quantizers.items():
-            amax = np.asarray(q.compute_amax(ops.convert_to_tensor(getattr(self.layer, attr))))
+            amax = np.asarray(q.compute_amax(self.weight_value(attr)))
             rows.append(dict(label=_weight_label(attr, len(self.weight_quantizers)), slot=("weight", attr), quantizer=q, amax=amax))
         if self.output_quantizer is not None:
             rows.append(dict(label="output", slot=("output", 0), quantizer=self.output_quantizer, amax=np.asarray(self.output_amax)))
@@ -272,8 +372,38 @@ class QuantizeWrapper(keras.layers.Wrapper):
             input_quantizers=[None if q is None else keras.saving.serialize_keras_object(q) for q in self.input_quantizers],
             weight_quantizers={k: keras.saving.serialize_keras_object(q) for k, q in self.weight_quantizers.items()},
             output_quantizer=None if self.output_quantizer is None else keras.saving.serialize_keras_object(self.output_quantizer),
+            batchnorm=None if self.batchnorm is None else keras.saving.serialize_keras_object(self.batchnorm),
+            activation=None if self.activation is None else keras.saving.serialize_keras_object(self.activation),
         )
         return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        layer = keras.saving.deserialize_keras_object(config.pop("layer"), custom_objects=custom_objects)
+        return cls(layer, **config)
+
+
+@keras.saving.register_keras_serializable(package="qat_plugin")
+class Absorbed(keras.layers.Layer):
+    """Stands where a BatchNorm or ReLU was before a `QuantizeWrapper` took it over: passes its input on.
+
+    It keeps the absorbed layer's name, so `get_layer` and the graph's shape
+    stay as the user built them.
+
+    >>> tuple(Absorbed(name="bn")(np.ones((1, 2), "float32")).shape)
+    (1, 2)
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, inputs, training=None, mask=None):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
 
 def quantize_wrappers(model: keras.Model) -> list[QuantizeWrapper]:

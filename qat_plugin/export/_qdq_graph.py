@@ -393,6 +393,44 @@ def rewrite_qdq(model_proto, weight_bits: dict[str, int] | None = None) -> dict[
     return found
 
 
+def to_uint8_activations(model_proto) -> int:
+    """Store every int8 activation pair as uint8 with zero point 128, the same scale: exact.
+
+    onnxruntime's x86 kernels (QLinearConv, QGemm) take uint8 activations
+    only: a Conv fed or followed by an int8 pair stays in float there. The
+    narrow int8 grid [-127, 127] shifts to [1, 255]. Pairs that are already
+    uint8 (after a ReLU) and weights are left alone.
+
+    Returns:
+        How many QuantizeLinear nodes were changed.
+
+    Example:
+
+    >>> to_uint8_activations(onnx.load("model.onnx"))  # doctest: +SKIP
+    12
+    """
+    g = _Graph(model_proto.graph)
+    changed = 0
+    for q in [n for n in g.graph.node if n.op_type == "QuantizeLinear"]:
+        if g.const(q.input[0]) is not None or len(q.input) < 3 or not q.input[2]:
+            continue
+        zp = g.const(q.input[2])
+        if zp is None or zp.dtype != np.int8 or zp.size != 1 or int(zp.reshape(-1)[0]) != 0:
+            continue
+        dqs = [n for n, i in g.consumers.get(q.output[0], []) if n.op_type == "DequantizeLinear" and i == 0]
+        if len(dqs) != len(g.consumers.get(q.output[0], [])) or q.output[0] in g.outputs:
+            continue  # an int8 tensor read by something else keeps its type
+        new_zp = g.add_init("zero_point_u8", np.full(zp.shape, 128, np.uint8))
+        for node in [q, *dqs]:
+            node.input[2] = new_zp
+        for info in g.graph.value_info:  # tf2onnx records the int8 type of Q's output
+            if info.name == q.output[0]:
+                info.type.tensor_type.elem_type = 2  # TensorProto.UINT8
+        changed += 1
+    _clean(g)
+    return changed
+
+
 # ------------------------------------------------------------------ reading a file
 
 

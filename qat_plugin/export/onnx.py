@@ -1,9 +1,15 @@
-"""ONNX export: Q/DQ pairs where TensorRT looks for them, weights stored as int8.
+"""ONNX export: Q/DQ pairs where the target runtime looks for them, weights stored as int8.
 
 `export_onnx` converts with tf2onnx, then `_qdq_graph.rewrite_qdq` stores
 every quantized weight as int8 on its Conv/MatMul weight input and makes every
 activation pair adjacent; the file is then run in onnxruntime and compared
 with the Keras model (`verify_onnx`).
+
+Two runtimes read the same pairs differently. TensorRT wants int8 with zero
+point 0 everywhere, which `check_tensorrt` verifies. onnxruntime's x86
+integer kernels want uint8 activations, so for `runtime="onnxruntime"` every
+int8 activation pair is stored as uint8 with zero point 128 (exact), and the
+report counts the kernels onnxruntime actually fused (`ort_kernels`).
 
 tf2onnx ignores `num_bits`: whatever the bits, it writes scale amax/127.
 Weights of 4 to 7 bits are exported exactly anyway (their int8 values are
@@ -23,13 +29,28 @@ from typing import Any
 import numpy as np
 
 from qat_plugin.errors import ExportError
-from qat_plugin.export._qdq_graph import QDQPair, _Graph, _require, qdq_pairs, quantize_like_onnx, rewrite_qdq
+from qat_plugin.export._qdq_graph import (
+    QDQPair,
+    _Graph,
+    _require,
+    qdq_pairs,
+    quantize_like_onnx,
+    rewrite_qdq,
+    to_uint8_activations,
+)
+from qat_plugin.export.tensorrt import TensorRTCheck, check_tensorrt
 
 __all__ = ["OnnxExportReport", "QDQPair", "export_onnx", "qdq_pairs", "quantize_like_onnx", "run_onnx", "verify_onnx"]
 
 _FAKE_QUANT_OPS = ("QuantizeAndDequantizeV2", "QuantizeAndDequantizeV3", "QuantizeAndDequantizeV4")
 # Per-channel Q/DQ needs opset 13; tf2onnx 1.17 writes up to 18.
 MIN_OPSET, MAX_OPSET = 13, 18
+RUNTIMES = ("tensorrt", "onnxruntime")
+# What onnxruntime runs a quantized Conv/MatMul/Add/pool with once it has fused the Q/DQ around it.
+INTEGER_KERNELS = (
+    "QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "QLinearAdd",
+    "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearMul", "ConvInteger", "MatMulInteger",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +68,12 @@ class OnnxExportReport:
         max_abs_diff: largest |onnxruntime - Keras| over all outputs, or `None`.
         num_samples: how many validation samples were compared.
         input_names, output_names: the graph's inputs and outputs, in order.
+        runtime: the runtime the file's Q/DQ layout is for.
+        ort_kernels: for `runtime="onnxruntime"`, how many nodes of each type
+            onnxruntime runs after fusing Q/DQ (e.g. `{"QLinearConv": 9, ...}`);
+            a float `Conv` or `MatMul` here did not get an integer kernel.
+        tensorrt: for `runtime="tensorrt"`, the `check_tensorrt` result
+            (export raises if it found a problem).
     """
 
     path: str
@@ -59,6 +86,44 @@ class OnnxExportReport:
     num_samples: int = 0
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
+    runtime: str = "tensorrt"
+    ort_kernels: dict[str, int] | None = None
+    tensorrt: TensorRTCheck | None = None
+
+    @property
+    def float_compute(self) -> list[str]:
+        """Conv/MatMul/Gemm/Add nodes onnxruntime still runs in float (empty when every one fused)."""
+        if not self.ort_kernels:
+            return []
+        return [op for op in ("Conv", "MatMul", "Gemm", "Add") if self.ort_kernels.get(op)]
+
+
+def ort_kernels(path: str | os.PathLike) -> dict[str, int]:
+    """How many nodes of each type onnxruntime runs for `path`, after its graph optimizations.
+
+    Example:
+
+    >>> ort_kernels("model_int8.onnx")["QLinearConv"]  # doctest: +SKIP
+    9
+    """
+    import collections
+    import tempfile
+
+    ort, onnx = _require("onnxruntime", "onnxruntime"), _require("onnx", "onnx")
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        options.log_severity_level = 3  # its "hardware specific" warning is about this very file
+        ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath).graph
+    return dict(collections.Counter(n.op_type for n in graph.node))
+
+
+def _default_runtime(model) -> str:
+    from qat_plugin.wrappers import quantize_wrappers
+
+    # Output quantizers only come from the tensor-by-tensor (CPU) placements.
+    return "onnxruntime" if any(w.output_quantizer is not None for w in quantize_wrappers(model)) else "tensorrt"
 
 
 # ------------------------------------------------------------------ checking a file
@@ -294,6 +359,7 @@ def export_onnx(
     validation_data=None,
     min_agreement: float = 0.999,
     batch_size: int = 32,
+    runtime: str | None = None,
 ) -> OnnxExportReport:
     """Write `model` to an ONNX file with Q/DQ pairs and int8 weights, and check it.
 
@@ -317,14 +383,20 @@ def export_onnx(
         min_agreement: the lowest share of matching argmax predictions
             accepted; below it `ExportError` is raised and the file is kept.
         batch_size: batch size for the comparison.
+        runtime: `"tensorrt"` (int8 Q/DQ, zero point 0, checked against
+            TensorRT's rules by `check_tensorrt`) or `"onnxruntime"`
+            (uint8 activations, for onnxruntime's integer kernels). Default:
+            `"onnxruntime"` for models quantized with the `"onnxruntime"` or
+            `"tflite"` policy (they have output quantizers), else `"tensorrt"`.
 
     Returns:
         An `OnnxExportReport`.
 
     Raises:
         ExportError: an activation range is uncalibrated or has fewer than 8
-            bits, tf2onnx failed, a weight could not be stored as int8, or the
-            file disagrees with the Keras model.
+            bits, tf2onnx failed, a weight could not be stored as int8, the
+            file breaks TensorRT's rules (`runtime="tensorrt"`), or it
+            disagrees with the Keras model.
 
     Example:
 
@@ -341,6 +413,12 @@ def export_onnx(
             f"writes up to {MAX_OPSET}). Received: opset={opset!r}"
         )
     _check_validation_args(min_agreement, batch_size)  # before the slow conversion
+    runtime = _default_runtime(model) if runtime is None else runtime
+    if runtime not in RUNTIMES:
+        raise ValueError(
+            f"`runtime` must be one of {RUNTIMES} (TFLite has its own exporter, `export_tflite`). "
+            f"Received: runtime={runtime!r}"
+        )
     traced = _for_tf2onnx(model)
     signature = _signature(traced, input_signature)
     ops = _fake_quant_ops(traced, signature)
@@ -359,6 +437,8 @@ def export_onnx(
     floats = [n.input[0] for n in g.graph.node if n.op_type == "QuantizeLinear" and g.const(n.input[0]) is not None]
     if floats:
         raise ExportError(f"Weights {floats[:5]} could not be stored as int8 (an unexpected layout between Q and DQ).")
+    if runtime == "onnxruntime":
+        to_uint8_activations(proto)
     try:
         onnx.checker.check_model(proto)  # tf2onnx leaves ops it couldn't convert in place
     except onnx.checker.ValidationError as e:
@@ -367,6 +447,8 @@ def export_onnx(
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     onnx.save(proto, path)
+    kernels = ort_kernels(path) if runtime == "onnxruntime" else None
+    trt = check_tensorrt(path).raise_if_failed() if runtime == "tensorrt" else None
     agreement, diff, n = None, None, 0
     if validation_data is not None:
         agreement, diff, n = verify_onnx(
@@ -384,4 +466,7 @@ def export_onnx(
         num_samples=n,
         input_names=tuple(i.name for i in proto.graph.input),
         output_names=tuple(o.name for o in proto.graph.output),
+        runtime=runtime,
+        ort_kernels=kernels,
+        tensorrt=trt,
     )

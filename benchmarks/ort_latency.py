@@ -1,0 +1,389 @@
+"""onnxruntime CPU latency of our int8 ONNX files vs FP32 and vs onnxruntime's own PTQ, side by side.
+
+    python benchmarks/ort_latency.py                          # ~15 min on 2 cores: ResNet-8, ResNet50, MobileNetV2 at 224
+    python benchmarks/ort_latency.py --size 96 --repeats 10   # faster: ResNet50/MobileNetV2 at 96x96
+    python benchmarks/ort_latency.py --models resnet8,mobilenetv2 --size 128
+    python benchmarks/ort_latency.py --quick                  # smoke run, under 2 minutes
+
+For each model (ResNet-8 from `qat_plugin.models` on 28x28x1 MNIST digits;
+`keras.applications` ResNet50 and MobileNetV2, `weights=None`, logits out, on
+the same digits resized to --size and repeated to 3 channels), briefly
+trained in FP32 (then its BatchNorm statistics re-estimated, so they are
+real), it writes four ONNX files:
+
+1. FP32: `export_onnx(model)`;
+2. ours, `policy="tensorrt"`: `quantize_model` calibrated on real images, `export_onnx`;
+3. ours, `policy="onnxruntime"`: the same, for onnxruntime's integer kernels;
+4. onnxruntime's own PTQ of file 1: `quant_pre_process` + `quantize_static`
+   (QDQ, per-channel int8 weights, uint8 activations, MinMax, same calibration images).
+
+and measures, in onnxruntime on the CPU with 2 intra-op threads and 1
+inter-op thread: latency at batch 1 and 32 (median over rounds; the four
+files take turns in every round, so load drift on a shared machine hits all
+alike), file size, argmax agreement with the Keras quantized model (ours:
+the Keras model it came from; FP32 and quantize_static: the onnxruntime-policy
+Keras model) and with the FP32 Keras model, and test accuracy. It ends with
+a table and the targets (onnxruntime policy <= 0.5x FP32 latency on ResNet-8
+and ResNet50, <= 0.6x on MobileNetV2, >= 99% agreement, faster than
+quantize_static, file <= 0.3x FP32) marked PASS/FAIL as measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from _data import load_mnist10k  # noqa: E402
+from _ort_timing import cpu_flags, cpu_name, interleaved_latency, ort_quantize_static, predict, session  # noqa: E402
+
+import qat_plugin as qp  # noqa: E402
+from qat_plugin.models import compile_classifier, resnet8  # noqa: E402
+
+FP32, TRT, ORT, QS = "FP32", "ours tensorrt", "ours onnxruntime", "ORT quantize_static"
+VARIANTS = (FP32, TRT, ORT, QS)
+BATCHES = (1, 32)
+INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger"}
+FLOAT_OPS = ("Conv", "FusedConv", "MatMul", "Gemm", "FusedGemm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """One benchmarked model: how to build it and how to train it briefly."""
+
+    label: str
+    build: Callable[[int], keras.Model]  # input size -> model (logits out)
+    native: bool  # True: 28x28x1 digits as they are; False: resized to --size, 3 channels
+    max_latency_ratio: float  # the target for the onnxruntime policy
+    train_images: int
+    train_batch: int
+
+
+SETUPS = {
+    "resnet8": Setup("ResNet-8", lambda size: resnet8(seed=0), True, 0.5, 8000, 32),
+    "resnet50": Setup(
+        "ResNet50",
+        lambda size: keras.applications.ResNet50(
+            weights=None, input_shape=(size, size, 3), classes=10, classifier_activation=None
+        ),
+        False, 0.5, 2000, 16,
+    ),
+    "mobilenetv2": Setup(
+        "MobileNetV2",
+        lambda size: keras.applications.MobileNetV2(
+            weights=None, input_shape=(size, size, 3), classes=10, classifier_activation=None
+        ),
+        False, 0.6, 2000, 16,
+    ),
+}
+
+
+@dataclasses.dataclass
+class Variant:
+    """One ONNX file and what was measured on it."""
+
+    name: str
+    path: Path | None = None
+    error: str | None = None
+    file_bytes: int = 0
+    accuracy: float = float("nan")
+    agree_q: float = float("nan")  # vs the Keras quantized model (see the module docstring)
+    agree_fp32: float = float("nan")  # vs the FP32 Keras model
+    kernels: dict[str, int] | None = None
+    note: str = ""
+    ms: dict[int, float] = dataclasses.field(default_factory=dict)
+    spread: dict[int, float] = dataclasses.field(default_factory=dict)
+    rounds: dict[int, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Result:
+    key: str
+    setup: Setup
+    size: int
+    variants: dict[str, Variant]
+    keras_accuracy: dict[str, float]
+    train_note: str
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet8,resnet50,mobilenetv2", help=f"comma-separated, from {sorted(SETUPS)}")
+    parser.add_argument("--size", type=int, default=224, help="input size of ResNet50 and MobileNetV2 (>= 32)")
+    parser.add_argument("--repeats", type=int, default=20, help="timing rounds per batch size (fewer where --budget runs out)")
+    parser.add_argument("--budget", type=float, default=30.0, help="seconds of timing per model and batch size (>= 3 rounds)")
+    parser.add_argument("--calibration-images", type=int, default=128)
+    parser.add_argument("--eval-images", type=int, default=512)
+    parser.add_argument("--train-images", type=int, default=None, help="default: 8000 for ResNet-8, 2000 for the others")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument("--keep", type=Path, default=None, help="write the ONNX files here instead of a temporary folder")
+    parser.add_argument("--quick", action="store_true", help="smoke run: size 32, 256 training images, 3 rounds")
+    args = parser.parse_args()
+    keys = [k.strip().lower() for k in args.models.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in SETUPS]
+    if unknown or not keys:
+        parser.error(f"--models: unknown {unknown}; choose from {sorted(SETUPS)}")
+    if args.size < 32:
+        parser.error(f"--size must be >= 32 (keras.applications' minimum). Received: {args.size}")
+    if args.quick:
+        args.size, args.repeats, args.budget = 32, 3, 2.0
+        args.calibration_images, args.eval_images, args.train_images = 32, 128, 256
+
+    print_header(args)
+    data = load_mnist10k()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        results = [run_model(k, SETUPS[k], args, data, folder) for k in keys]
+    print_table(results)
+    print_targets(results)
+    print(f"\nTotal {time.perf_counter() - start:.0f} s.")
+
+
+def print_header(args) -> None:
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu_flags().items())
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores); {flags}")
+    print(f"onnxruntime {ort.__version__}, TensorFlow {tf.__version__}, Keras {keras.__version__}, qat-plugin {qp.__version__}")
+    print(
+        f"onnxruntime: CPUExecutionProvider, intra_op_num_threads={args.threads}, inter_op_num_threads=1, all graph "
+        f"optimizations; batch {' and '.join(map(str, BATCHES))}; median of up to {args.repeats} interleaved rounds "
+        f"(at most ~{args.budget:.0f} s per model and batch size)"
+    )
+    print(
+        f"Images: real MNIST digits (../shared/datasets/mnist10k.npz), [0, 1]; ResNet-8 on 28x28x1 as they are, "
+        f"ResNet50/MobileNetV2 on the digits bilinear-resized to {args.size}x{args.size} with the gray channel repeated "
+        f"3 times. Calibration: the first {args.calibration_images} training digits; agreement and accuracy: the "
+        f"first {args.eval_images} test digits.\n"
+    )
+
+
+# ------------------------------------------------------------------ data and training
+
+
+def to_rgb(x: np.ndarray, size: int, chunk: int = 256) -> np.ndarray:
+    """28x28x1 digits -> size x size x 3 (bilinear, gray repeated), in chunks to bound memory."""
+    out = [tf.tile(tf.image.resize(x[i : i + chunk], (size, size)), (1, 1, 1, 3)).numpy() for i in range(0, len(x), chunk)]
+    return np.concatenate(out).astype("float32")
+
+
+def reestimate_batchnorm(model: keras.Model, x: np.ndarray, batch_size: int = 32) -> int:
+    """Set every BatchNorm's moving mean/variance to the average of its batch statistics over `x`.
+
+    A few hundred training steps leave the moving averages (momentum 0.99)
+    mostly at their initial values; inference would then use statistics the
+    network never saw. Momentum i/(i+1) at batch i makes them the exact mean.
+    """
+    bns = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [bn.momentum for bn in bns]
+    try:
+        for i, start in enumerate(range(0, len(x), batch_size)):
+            for bn in bns:
+                bn.momentum = i / (i + 1)
+            model(x[start : start + batch_size], training=True)
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+    return len(bns)
+
+
+def train(model: keras.Model, setup: Setup, size: int, x: np.ndarray, y: np.ndarray, batch: int) -> float:
+    """One FP32 epoch on the digits (resized batch by batch for the big models); returns the train accuracy."""
+    compile_classifier(model)
+    if setup.native:
+        history = model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=True)
+    else:
+        resize = lambda a, b: (tf.tile(tf.image.resize(a, (size, size)), (1, 1, 1, 3)), b)  # noqa: E731
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=0).batch(batch).map(resize)
+        history = model.fit(ds.prefetch(2), epochs=1, verbose=0)
+    return history.history["accuracy"][-1]
+
+
+# ------------------------------------------------------------------ one model
+
+
+def run_model(key: str, setup: Setup, args, data, folder: Path) -> Result:
+    x_train, y_train, x_test, y_test = data
+    size = 28 if setup.native else args.size
+    n_train = args.train_images or setup.train_images
+    batch = min(setup.train_batch, n_train)
+    prep = (lambda x: x) if setup.native else (lambda x: to_rgb(x, size))
+    x_cal, x_eval, y_eval = prep(x_train[: args.calibration_images]), prep(x_test[: args.eval_images]), y_test[: args.eval_images]
+    log = lambda msg: print(f"[{setup.label} {size}x{size}] {msg}", flush=True)  # noqa: E731
+
+    t = time.perf_counter()
+    model = setup.build(size)
+    train_acc = train(model, setup, size, x_train[:n_train], y_train[:n_train], batch)
+    train_s = time.perf_counter() - t
+    t = time.perf_counter()
+    n_bn = reestimate_batchnorm(model, x_cal)
+    train_note = (
+        f"{model.count_params():,} params; 1 FP32 epoch of {n_train} digits, batch {batch} "
+        f"({-(-n_train // batch)} steps): {train_s:.0f} s, train acc {train_acc:.3f}; {n_bn} BatchNorm statistics "
+        f"re-estimated on {len(x_cal)} images ({time.perf_counter() - t:.1f} s)"
+    )
+    log(train_note)
+
+    keras_logits = {FP32: model.predict(x_eval, batch_size=32, verbose=0)}
+    variants = {name: Variant(name, folder / f"{key}_{size}_{name.replace(' ', '_')}.onnx") for name in VARIANTS}
+    qmodels = {}
+    for name, policy in ((TRT, "tensorrt"), (ORT, "onnxruntime")):
+        t = time.perf_counter()
+        try:
+            qmodels[name] = qp.quantize_model(model, policy=policy, calibration_data=x_cal)
+            keras_logits[name] = qmodels[name].predict(x_eval, batch_size=32, verbose=0)
+        except Exception as e:  # the report still shows the other variants
+            variants[name].error = f"quantize_model: {type(e).__name__}: {e}"
+            log(f"{name}: FAILED {variants[name].error}")
+            continue
+        log(f"{name}: quantize_model(policy={policy!r}) + calibration + Keras predict: {time.perf_counter() - t:.1f} s")
+
+    for name, source in ((FP32, model), (TRT, qmodels.get(TRT)), (ORT, qmodels.get(ORT))):
+        v = variants[name]
+        if source is None:
+            continue
+        t = time.perf_counter()
+        try:
+            report = qp.export_onnx(source, v.path)
+        except Exception as e:
+            v.error = f"export_onnx: {type(e).__name__}: {e}"
+            log(f"{name}: FAILED {v.error}")
+            continue
+        if name == ORT:
+            v.kernels = report.ort_kernels
+            v.note = f"runtime={report.runtime!r}, float_compute={report.float_compute}"
+        log(f"{name}: export_onnx {time.perf_counter() - t:.1f} s ({report.file_bytes / 1e6:.2f} MB)")
+
+    qs = variants[QS]
+    if variants[FP32].error is None:
+        t = time.perf_counter()
+        try:
+            qs.note = ort_quantize_static(variants[FP32].path, qs.path, x_cal)
+            log(f"{QS}: {qs.note}: {time.perf_counter() - t:.1f} s")
+        except Exception as e:
+            qs.error = f"quantize_static: {type(e).__name__}: {e}"
+            log(f"{QS}: FAILED {qs.error}")
+    else:
+        qs.error = "no FP32 ONNX file"
+
+    sessions = {}
+    for name, v in variants.items():
+        if v.error is not None:
+            continue
+        v.file_bytes = v.path.stat().st_size
+        if v.kernels is None:
+            v.kernels = qp.ort_kernels(v.path)
+        sessions[name] = session(v.path, args.threads)
+        logits = predict(sessions[name], x_eval)
+        v.accuracy = float(np.mean(logits.argmax(-1) == y_eval))
+        reference = keras_logits.get(name if name in (TRT, ORT) else ORT)
+        if reference is not None:
+            v.agree_q = float(np.mean(logits.argmax(-1) == reference.argmax(-1)))
+        v.agree_fp32 = float(np.mean(logits.argmax(-1) == keras_logits[FP32].argmax(-1)))
+
+    for b in BATCHES:
+        t = time.perf_counter()
+        timings = interleaved_latency(sessions, x_eval[:b], repeats=args.repeats, budget_s=args.budget)
+        for name, timing in timings.items():
+            variants[name].ms[b], variants[name].spread[b] = timing.median_ms, timing.spread
+            variants[name].rounds[b] = len(timing.samples_ms)
+        rounds = len(next(iter(timings.values())).samples_ms) if timings else 0
+        log(f"batch {b}: {rounds} interleaved rounds in {time.perf_counter() - t:.0f} s")
+
+    keras_accuracy = {name: float(np.mean(logits.argmax(-1) == y_eval)) for name, logits in keras_logits.items()}
+    result = Result(key, setup, size, variants, keras_accuracy, train_note)
+    print_details(result)
+    return result
+
+
+# ------------------------------------------------------------------ printing
+
+
+def kernel_summary(kernels: dict[str, int]) -> str:
+    integer = sum(n for op, n in kernels.items() if op in INTEGER_OPS)
+    floats = {op: n for op, n in kernels.items() if op in FLOAT_OPS}
+    return f"{integer} integer Conv/MatMul kernels, float Conv/MatMul/Gemm left: {floats or 'none'}"
+
+
+def print_details(r: Result) -> None:
+    print(f"\n{r.setup.label} {r.size}x{r.size}: {r.train_note}")
+    acc = ", ".join(f"{name} {a:.4f}" for name, a in r.keras_accuracy.items())
+    print(f"  Keras test accuracy: {acc} (quantized = calibration only, no QAT)")
+    for v in r.variants.values():
+        if v.error:
+            print(f"  {v.name:<20} FAILED: {v.error}")
+            continue
+        print(f"  {v.name:<20} {kernel_summary(v.kernels)}")
+    ours = r.variants[ORT]
+    if ours.error is None:
+        kernels = ", ".join(f"{op} {n}" for op, n in sorted(ours.kernels.items(), key=lambda kv: -kv[1]))
+        print(f"  {ORT} report.ort_kernels: {kernels}; {ours.note}")
+    print(f"  {QS}: {r.variants[QS].note or r.variants[QS].error}\n", flush=True)
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if np.isfinite(a) and np.isfinite(b) and b > 0 else "-"
+
+
+def print_table(results: list[Result]) -> None:
+    head = (
+        f"{'model':<20}{'variant':<21}{'b1 ms':>9}{'vs FP32':>8}{'b32 ms':>10}{'vs FP32':>8}{'MB':>8}{'vs FP32':>8}"
+        f"{'agree q':>9}{'agree fp32':>11}{'test acc':>9}"
+    )
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in results:
+        fp32 = r.variants[FP32]
+        for v in r.variants.values():
+            label = f"{r.setup.label} {r.size}x{r.size}" if v.name == FP32 else ""
+            if v.error:
+                print(f"{label:<20}{v.name:<21}FAILED: {v.error[:80]}")
+                continue
+            cells = []
+            for b in BATCHES:
+                cells += [f"{v.ms.get(b, float('nan')):.3f}", ratio(v.ms.get(b, np.nan), fp32.ms.get(b, np.nan))]
+            mb, agree_q = v.file_bytes / 1e6, f"{v.agree_q:.4f}" if np.isfinite(v.agree_q) else "-"
+            print(
+                f"{label:<20}{v.name:<21}{cells[0]:>9}{cells[1]:>8}{cells[2]:>10}{cells[3]:>8}{mb:>8.2f}"
+                f"{ratio(v.file_bytes, fp32.file_bytes):>8}{agree_q:>9}{v.agree_fp32:>11.4f}{v.accuracy:>9.4f}"
+            )
+        print(f"{'':<20}{'Keras':<21}test acc: " + ", ".join(f"{k} {a:.4f}" for k, a in r.keras_accuracy.items()))
+    print(
+        "agree q: argmax agreement with the Keras quantized model (ours: the model it was exported from; FP32 and "
+        "quantize_static: the onnxruntime-policy Keras model); agree fp32: with the FP32 Keras model."
+    )
+
+
+def print_targets(results: list[Result]) -> None:
+    print("\nTargets (onnxruntime-policy file, as measured):")
+    rows = []
+    for r in results:
+        v, fp32, qs, name = r.variants[ORT], r.variants[FP32], r.variants[QS], f"{r.setup.label} {r.size}x{r.size}"
+        for b in BATCHES:
+            x = v.ms.get(b, np.nan) / fp32.ms.get(b, np.nan)
+            rows.append((x <= r.setup.max_latency_ratio, name, f"latency <= {r.setup.max_latency_ratio}x FP32, batch {b}", f"{x:.2f}x"))
+        rows.append((v.agree_q >= 0.99, name, "argmax agreement >= 99% with the Keras quantized model", f"{v.agree_q:.2%}"))
+        for b in BATCHES:
+            x = v.ms.get(b, np.nan) / qs.ms.get(b, np.nan)
+            rows.append((x < 1, name, f"faster than quantize_static, batch {b}", f"{x:.2f}x its latency"))
+        x = v.file_bytes / fp32.file_bytes if fp32.file_bytes else np.nan
+        rows.append((x <= 0.3, name, "int8 ONNX file <= 0.3x FP32", f"{x:.2f}x"))
+    for ok, name, target, value in rows:
+        print(f"  {'PASS' if ok else 'FAIL'}  {name:<20}{target:<56}{value}")
+    passed = sum(ok for ok, *_ in rows)
+    print(f"  {passed} of {len(rows)} targets met.")
+
+
+if __name__ == "__main__":
+    main()
