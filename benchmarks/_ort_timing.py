@@ -51,6 +51,22 @@ def session(path, threads: int = 2):
     return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
 
 
+def optimized_nodes(path) -> list[tuple[str, str]]:
+    """(op type, node name) of every node onnxruntime runs for `path` after its graph optimizations."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath).graph
+    return [(n.op_type, n.name) for n in graph.node]
+
+
 def predict(sess, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """The first output of `sess` on `x`, in batches."""
     name = sess.get_inputs()[0].name

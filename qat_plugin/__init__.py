@@ -20,6 +20,7 @@ from qat_plugin.errors import (
     UnsupportedModelError,
 )
 from qat_plugin.export.onnx import export_onnx, ort_kernels, qdq_pairs, run_onnx
+from qat_plugin.export.tflite import TFLiteExportReport, export_tflite, run_tflite, verify_tflite
 from qat_plugin.export.tensorrt import TensorRTCheck, TensorRTProblem, check_tensorrt
 from qat_plugin.quantizers import TensorQuantizer
 from qat_plugin.report import QuantizerInfo, describe, list_quantizers
@@ -47,11 +48,13 @@ __all__ = [
     "TensorQuantizer",
     "TensorRTCheck",
     "TensorRTProblem",
+    "TFLiteExportReport",
     "UnsupportedModelError",
     "calibrate",
     "check_tensorrt",
     "describe",
     "export_onnx",
+    "export_tflite",
     "get_policy",
     "list_quantizers",
     "ort_kernels",
@@ -60,6 +63,8 @@ __all__ = [
     "quantize_wrappers",
     "register_layer",
     "run_onnx",
+    "run_tflite",
     "sensitivity_analysis",
     "supported_types",
+    "verify_tflite",
 ]

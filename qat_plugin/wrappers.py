@@ -120,6 +120,8 @@ def foldable_attr(layer) -> str | None:
         return None
     if isinstance(layer, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)):
         return None  # groups/transposed layouts: not worth the special case
+    if isinstance(layer, keras.layers.EinsumDense):
+        return None  # its bias follows the equation, not the last axis
     return kind.weights[-1][0]  # separable convs: the pointwise kernel makes the output
 
 
@@ -273,7 +275,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
             kwargs["training"] = training
         x = self._quantize_inputs(inputs, training)
         calibrating = self._calibration_hook is not None
-        swaps, extra_bias = {}, None
+        swaps = {}
         attrs = list(self.weight_quantizers)
         if self.batchnorm is not None and self._fold_attr not in attrs:
             attrs.append(self._fold_attr)
@@ -283,11 +285,12 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 value = self.weight_quantizers[attr](value)
             swaps[attr] = value
         if self.batchnorm is not None:
-            bias = self._folded_bias()
-            if getattr(self.layer, "bias", None) is not None:
-                swaps["bias"] = bias
-            else:
-                extra_bias = bias
+            # Through the layer's own bias path even without a bias, so the
+            # exported Conv carries it (a separate Add would keep onnxruntime
+            # from fusing the conv into an integer kernel).
+            swaps["bias"] = self._folded_bias()
+            if hasattr(self.layer, "use_bias"):
+                swaps["use_bias"] = True
         # Swap the (folded, fake-quantized) tensors in where the layer's own
         # `call` reads them; restored right after.
         originals = {attr: getattr(self.layer, attr) for attr in swaps}
@@ -298,8 +301,6 @@ class QuantizeWrapper(keras.layers.Wrapper):
         finally:
             for attr, var in originals.items():
                 object.__setattr__(self.layer, attr, var)
-        if extra_bias is not None:
-            y = y + ops.cast(extra_bias, y.dtype)
         if self.activation is not None:
             y = self.activation(y)
         if self.output_quantizer is not None:

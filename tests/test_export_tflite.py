@@ -197,6 +197,24 @@ def test_multi_output_sequential_and_order(digits, tmp_path):
     assert report.fully_int8 and report.agreement >= 0.95
 
 
+def test_multi_input_model_matches_inputs_by_name(digits, tmp_path):
+    """The file orders its inputs by name; data in the Keras model's order still lands on the right input."""
+    x_train, *_ = digits
+    keras.utils.set_random_seed(0)
+    image, vec = keras.Input((8, 8, 1), name="z_image"), keras.Input((5,), name="a_vec")
+    h = L.GlobalAveragePooling2D(name="gap")(L.Conv2D(8, 3, activation="relu", name="conv")(image))
+    out = L.Dense(10, name="head")(L.Concatenate(name="cat")([h, L.Dense(4, name="vec")(vec)]))
+    data = [x_train[:128], np.random.default_rng(0).random((128, 5), np.float32)]
+    qmodel = qp.quantize_model(keras.Model([image, vec], out), policy="tflite", calibration_data=data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = export_tflite(qmodel, tmp_path / "two_in.tflite", representative_data=data, validation_data=data)
+    assert not [w for w in caught if "Interpreter is deprecated" in str(w.message)]
+    assert report.fully_int8 and report.agreement >= 0.95
+    by_name = run_tflite(report.path, {"a_vec": data[1], "z_image": data[0]})
+    np.testing.assert_array_equal(by_name, run_tflite(report.path, data[::-1]))  # the file's own order
+
+
 def test_fallback_interpreter_runs_without_deprecation_noise(exported, digits, monkeypatch):
     _, _, x_test, _ = digits
     path = exported["int8"].path

@@ -46,6 +46,7 @@ _FAKE_QUANT_OPS = ("QuantizeAndDequantizeV2", "QuantizeAndDequantizeV3", "Quanti
 # Per-channel Q/DQ needs opset 13; tf2onnx 1.17 writes up to 18.
 MIN_OPSET, MAX_OPSET = 13, 18
 RUNTIMES = ("tensorrt", "onnxruntime")
+DEFAULT_AGREEMENT = {"tensorrt": 0.999, "onnxruntime": 0.99}
 # What onnxruntime runs a quantized Conv/MatMul/Add/pool with once it has fused the Q/DQ around it.
 INTEGER_KERNELS = (
     "QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "QLinearAdd",
@@ -357,7 +358,7 @@ def export_onnx(
     opset: int = 17,
     input_signature: Sequence[Any] | None = None,
     validation_data=None,
-    min_agreement: float = 0.999,
+    min_agreement: float | None = None,
     batch_size: int = 32,
     runtime: str | None = None,
 ) -> OnnxExportReport:
@@ -382,6 +383,9 @@ def export_onnx(
             with `model.predict` (see `verify_onnx`).
         min_agreement: the lowest share of matching argmax predictions
             accepted; below it `ExportError` is raised and the file is kept.
+            Default: 0.999 for `runtime="tensorrt"` (onnxruntime computes it
+            in float, like Keras), 0.99 for `runtime="onnxruntime"` (integer
+            kernels requantize every output with their own rounding).
         batch_size: batch size for the comparison.
         runtime: `"tensorrt"` (int8 Q/DQ, zero point 0, checked against
             TensorRT's rules by `check_tensorrt`) or `"onnxruntime"`
@@ -412,13 +416,15 @@ def export_onnx(
             f"`opset` must be an int in [{MIN_OPSET}, {MAX_OPSET}] (per-channel Q/DQ needs 13; tf2onnx "
             f"writes up to {MAX_OPSET}). Received: opset={opset!r}"
         )
-    _check_validation_args(min_agreement, batch_size)  # before the slow conversion
     runtime = _default_runtime(model) if runtime is None else runtime
     if runtime not in RUNTIMES:
         raise ValueError(
             f"`runtime` must be one of {RUNTIMES} (TFLite has its own exporter, `export_tflite`). "
             f"Received: runtime={runtime!r}"
         )
+    if min_agreement is None:
+        min_agreement = DEFAULT_AGREEMENT[runtime]
+    _check_validation_args(min_agreement, batch_size)  # before the slow conversion
     traced = _for_tf2onnx(model)
     signature = _signature(traced, input_signature)
     ops = _fake_quant_ops(traced, signature)

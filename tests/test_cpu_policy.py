@@ -1,0 +1,179 @@
+"""The onnxruntime (CPU) placement: BatchNorm folded, ReLU fused, one quantizer per tensor, integer kernels."""
+
+import keras
+import numpy as np
+import onnx
+import pytest
+
+import qat_plugin as qp
+from qat_plugin.errors import ExportError
+from qat_plugin.models import compile_classifier, depthwise_cnn, resnet8
+from qat_plugin.wrappers import Absorbed, QuantizeWrapper, quantize_wrappers
+
+L = keras.layers
+
+
+def trained_resnet8(digits, epochs=3):
+    x, y = digits[0], digits[1]
+    model = compile_classifier(resnet8(input_shape=(8, 8, 1), seed=0))
+    model.fit(x, y, batch_size=64, epochs=epochs, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def resnet(digits):
+    return trained_resnet8(digits)
+
+
+def test_plan_folds_batchnorm_fuses_relu_and_quantizes_each_tensor_once(resnet, digits):
+    qmodel = qp.quantize_model(resnet, policy="onnxruntime", calibration_data=digits[0][:256])
+    skipped = qmodel.qat_report.skipped
+    assert skipped["bn1"] == "folded into 'conv1'" and skipped["relu1"] == "fused into 'conv1'"
+    assert skipped["stack1_relu2"] == "fused into 'stack1_add'"  # the ReLU after a residual add
+    assert isinstance(qmodel.get_layer("bn1"), Absorbed)
+    by_name = {w.name: w for w in quantize_wrappers(qmodel)}
+    # Only the model's input is quantized on the way in; every other input is a producer's output.
+    assert [n for n, w in by_name.items() if any(w.input_quantizers)] == ["conv1"]
+    assert all(w.output_quantizer is not None for w in by_name.values())
+    # Unsigned after a ReLU, signed where the tensor can be negative.
+    assert by_name["conv1"].output_quantizer.unsigned and by_name["stack1_add"].output_quantizer.unsigned
+    assert not by_name["stack1_conv2"].output_quantizer.unsigned and not by_name["head"].output_quantizer.unsigned
+    assert by_name["stack1_conv2"].batchnorm.name == "stack1_bn2" and by_name["stack1_conv2"].activation is None
+
+
+def test_folded_wrapper_computes_conv_batchnorm_relu_exactly(resnet, digits):
+    x = digits[2][:64]
+    qmodel = qp.quantize_model(resnet, policy="onnxruntime")
+    # With the calibration hook set, wrappers compute in float: the folded
+    # conv must then equal the original conv -> BN(inference) -> ReLU.
+    for w in quantize_wrappers(qmodel):
+        w._calibration_hook = lambda *args: None
+    try:
+        folded = keras.Model(qmodel.input, qmodel.get_layer("stack2_conv1").output)(x)
+    finally:
+        for w in quantize_wrappers(qmodel):
+            w._calibration_hook = None
+    reference = keras.Model(resnet.input, resnet.get_layer("stack2_relu1").output)(x)
+    np.testing.assert_allclose(folded, reference, atol=1e-5)
+    # The weight quantizer sees the folded kernel (its range is the folded kernel's).
+    conv = qmodel.get_layer("stack2_conv1")
+    bn = resnet.get_layer("stack2_bn1")
+    scale = bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+    expected = np.abs(resnet.get_layer("stack2_conv1").kernel.numpy() * scale).max(axis=(0, 1, 2))
+    row = next(r for r in conv.quantizer_ranges() if r["label"] == "weight")
+    np.testing.assert_allclose(row["amax"], expected, rtol=1e-5)
+
+
+def test_depthwise_kernels_fold_per_output_channel(digits):
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((8, 8, 4))
+    x = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", use_bias=False, name="dw")(inp)
+    x = L.BatchNormalization(name="bn")(x)
+    model = keras.Model(inp, L.ReLU(name="relu")(x))
+    bn = model.get_layer("bn")
+    bn.moving_mean.assign(np.random.randn(8).astype("float32"))
+    bn.moving_variance.assign(np.random.rand(8).astype("float32") + 0.5)
+    bn.gamma.assign(np.random.randn(8).astype("float32"))
+    data = np.random.rand(16, 8, 8, 4).astype("float32")
+    qmodel = qp.quantize_model(model, policy="onnxruntime")
+    wrapper = qmodel.get_layer("dw")
+    wrapper._calibration_hook = lambda *args: None
+    np.testing.assert_allclose(qmodel(data), model(data), atol=1e-5)
+
+
+def test_onnxruntime_export_runs_every_conv_in_an_integer_kernel(resnet, digits, tmp_path):
+    x_train, _, x_test, y_test = digits
+    qmodel = qp.quantize_model(resnet, policy="onnxruntime", calibration_data=x_train[:256])
+    report = qp.export_onnx(qmodel, tmp_path / "cpu.onnx", validation_data=x_test)
+    assert report.runtime == "onnxruntime" and report.agreement >= 0.99
+    assert report.ort_kernels["QLinearConv"] == 9 and report.float_compute == [], report.ort_kernels
+    assert report.ort_kernels["QLinearAdd"] == 3
+    # Activations are uint8 (onnxruntime's x86 kernels take no int8 activations); weights int8, zero point 0.
+    pairs = qp.qdq_pairs(report.path)
+    assert {p.dtype for p in pairs if p.kind == "activation"} == {"uint8"}
+    assert {(p.dtype, max(map(abs, p.zero_point))) for p in pairs if p.kind == "weight"} == {("int8", 0)}
+    signed = [p for p in pairs if p.kind == "activation" and p.zero_point == (128,)]
+    assert signed, "tensors that can be negative keep a signed grid, shifted by 128"
+    # The same model through the TensorRT exporter breaks TensorRT's int8-only rule, and says so.
+    with pytest.raises(ExportError, match=r"breaks TensorRT's explicit-quantization rules.*int8"):
+        qp.export_onnx(qmodel, tmp_path / "trt.onnx", runtime="tensorrt")
+    with pytest.raises(ValueError, match="`runtime` must be one of"):
+        qp.export_onnx(qmodel, tmp_path / "x.onnx", runtime="tflite")
+
+
+def test_int8_to_uint8_shift_is_exact(resnet, digits, tmp_path):
+    """The same model exported with int8 pairs (runtime='tensorrt' layout, check skipped) and uint8 pairs:
+    with integer kernels disabled, onnxruntime computes both in float and they must agree to float precision."""
+    import onnxruntime as ort
+
+    from qat_plugin.export._qdq_graph import to_uint8_activations
+
+    qmodel = qp.quantize_model(resnet, policy="onnxruntime", calibration_data=digits[0][:256])
+    path = qp.export_onnx(qmodel, tmp_path / "u8.onnx").path
+    proto = onnx.load(path)
+    assert to_uint8_activations(proto) == 0  # already shifted: nothing left to change
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    x = digits[2][:128]
+    out = session.run(None, {session.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(out, qmodel.predict(x, verbose=0), atol=1e-4)
+
+
+def test_depthwise_net_fuses_fully(digits, tmp_path):
+    x, y = digits[0], digits[1]
+    model = compile_classifier(depthwise_cnn(input_shape=(8, 8, 1), seed=0))
+    model.fit(x, y, batch_size=64, epochs=2, verbose=0)
+    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=x[:256])
+    report = qp.export_onnx(qmodel, tmp_path / "dw.onnx", validation_data=digits[2])
+    convs = sum(isinstance(w.layer, (L.Conv2D, L.DepthwiseConv2D)) for w in quantize_wrappers(qmodel))
+    assert report.ort_kernels.get("QLinearConv") == convs and report.float_compute == [], report.ort_kernels
+
+
+def test_saturated_relu6_still_fuses(tmp_path):
+    # A ReLU6 calibrated at exactly 6 (255 * (6 / 255) in float32): onnxruntime folds the Clip into the conv.
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((8, 8, 3))
+    x = L.ReLU(6.0, name="relu6")(L.Conv2D(8, 3, padding="same", name="conv")(inp))
+    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
+    data = 50 * np.random.rand(64, 8, 8, 3).astype("float32")
+    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data)
+    assert float(qmodel.get_layer("conv").output_amax.numpy()) == 6.0
+    report = qp.export_onnx(qmodel, tmp_path / "relu6.onnx", validation_data=data)
+    assert report.ort_kernels.get("QLinearConv") == 1 and "Clip" not in report.ort_kernels, report.ort_kernels
+    assert report.agreement >= 0.99
+
+
+def test_switch_inside_fit_folds_batchnorm_and_keeps_optimizer_state(digits, tmp_path):
+    x, y = digits[0], digits[1]
+    model = compile_classifier(resnet8(input_shape=(8, 8, 1), seed=0))
+    slots_before = {}
+
+    class Slots(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                opt = self.model.optimizer
+                slots_before.update({id(v): (v, v.numpy().copy()) for v in opt.variables})
+                self.trainable = {id(v) for v in self.model.trainable_variables}
+
+    snap = Slots()
+    cb = qp.QATCallback(start_epoch=1, policy="onnxruntime", calibration_data=x[:256], verbose=0)
+    history = model.fit(x, y, batch_size=64, epochs=3, callbacks=[cb, snap], verbose=0)
+    assert history.history["qat_phase"] == [0, 1, 1]
+    assert isinstance(model.get_layer("conv1"), QuantizeWrapper) and model.get_layer("conv1").batchnorm is not None
+    # gamma/beta of the folded BatchNorms still train, through the folded kernel: same variables as before.
+    assert {id(v) for v in model.trainable_variables} == snap.trainable
+    bn = model.get_layer("conv1").batchnorm
+    assert any(v is bn.gamma for v in model.trainable_variables)
+    assert int(model.optimizer.iterations) == 3 * int(np.ceil(len(x) / 64))
+    assert history.history["accuracy"][-1] > 0.8
+    # The moving statistics are frozen from the switch on: the folded model trains with them.
+    stats = bn.moving_mean.numpy().copy()
+    model.fit(x[:128], y[:128], epochs=1, verbose=0)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), stats)
+
+    path = tmp_path / "qat.keras"
+    model.save(path)
+    restored = keras.models.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(restored.predict(x[:64], verbose=0), model.predict(x[:64], verbose=0))
+    assert restored.get_layer("conv1").batchnorm.name == "bn1"
