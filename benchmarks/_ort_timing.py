@@ -126,6 +126,32 @@ def interleaved_latency(
     return {k: Timing(tuple(v), calls[k]) for k, v in samples.items()}
 
 
+def op_profile(path, x: np.ndarray, *, threads: int = 2, runs: int = 3) -> dict[str, float]:
+    """Milliseconds per run spent in each op type (onnxruntime's profiler, after one warm-up run), largest first."""
+    import collections
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.log_severity_level = 3
+        options.enable_profiling, options.profile_file_prefix = True, os.path.join(tmp, "profile")
+        sess = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: x}
+        for _ in range(runs + 1):
+            sess.run(None, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    times: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            times[e["args"]["op_name"]] += e["dur"]
+    scale = 1e-3 / (runs + 1)
+    return {op: t * scale for op, t in times.most_common()}
+
+
 def ort_quantize_static(fp32_path, out_path, x_cal: np.ndarray, *, batch_size: int = 16) -> str:
     """onnxruntime's own post-training quantization of an FP32 ONNX file, as its docs recommend for x86.
 

@@ -48,7 +48,7 @@ import onnxruntime as ort  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from _data import load_mnist10k  # noqa: E402
 from _ort_timing import (  # noqa: E402
-    cpu_flags, cpu_name, interleaved_latency, optimized_nodes, ort_quantize_static, predict, session,
+    cpu_flags, cpu_name, interleaved_latency, op_profile, optimized_nodes, ort_quantize_static, predict, session,
 )
 
 import qat_plugin as qp  # noqa: E402
@@ -81,7 +81,7 @@ SETUPS = {
         lambda size: keras.applications.ResNet50(
             weights=None, input_shape=(size, size, 3), classes=10, classifier_activation=None
         ),
-        False, 0.5, 1000, 8, 256,  # ~0.25 s per training image at 224 on 2 cores: 1000 keeps it to ~4 min
+        False, 0.5, 800, 8, 256,  # ~0.25 s per training image at 224 on 2 cores: 800 keeps it to ~4 min
     ),
     "mobilenetv2": Setup(
         "MobileNetV2",
@@ -108,8 +108,8 @@ class Variant:
     nodes: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # what onnxruntime runs, after fusion
     note: str = ""
     ms: dict[int, float] = dataclasses.field(default_factory=dict)
-    spread: dict[int, float] = dataclasses.field(default_factory=dict)
-    rounds: dict[int, int] = dataclasses.field(default_factory=dict)
+    timing: dict = dataclasses.field(default_factory=dict)  # batch -> _ort_timing.Timing
+    profile: dict[str, float] = dataclasses.field(default_factory=dict)  # op type -> ms per batch-32 run
 
 
 @dataclasses.dataclass
@@ -131,8 +131,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=30.0, help="seconds of timing per model and batch size (>= 3 rounds)")
     parser.add_argument("--calibration-images", type=int, default=128)
     parser.add_argument("--eval-images", type=int, default=None, help="default: 512 for ResNet-8, 256 for the others")
-    parser.add_argument("--train-images", type=int, default=None, help="default: ResNet-8 8000, ResNet50 1000, MobileNetV2 2000")
+    parser.add_argument("--train-images", type=int, default=None, help="default: ResNet-8 8000, ResNet50 800, MobileNetV2 2000")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument("--profile", action="store_true", help="print where the int8 files spend their time at batch 32")
     parser.add_argument("--keep", type=Path, default=None, help="write the ONNX files here instead of a temporary folder")
     parser.add_argument("--quick", action="store_true", help="smoke run: ResNet-8 and MobileNetV2 (or --models) at 32x32, 3 rounds")
     args = parser.parse_args()
@@ -304,10 +305,14 @@ def run_model(key: str, setup: Setup, args, data, folder: Path) -> Result:
         t = time.perf_counter()
         timings = interleaved_latency(sessions, x_eval[:b], repeats=args.repeats, budget_s=args.budget)
         for name, timing in timings.items():
-            variants[name].ms[b], variants[name].spread[b] = timing.median_ms, timing.spread
-            variants[name].rounds[b] = len(timing.samples_ms)
+            variants[name].ms[b], variants[name].timing[b] = timing.median_ms, timing
         rounds = len(next(iter(timings.values())).samples_ms) if timings else 0
         log(f"batch {b}: {rounds} interleaved rounds in {time.perf_counter() - t:.0f} s")
+
+    if args.profile:
+        for name in (ORT, QS):
+            if name in sessions:
+                variants[name].profile = op_profile(variants[name].path, x_eval[:32], threads=args.threads)
 
     keras_accuracy = {name: float(np.mean(logits.argmax(-1) == y_eval)) for name, logits in keras_logits.items()}
     result = Result(key, setup, size, variants, keras_accuracy, train_note, len(x_eval))
@@ -334,6 +339,19 @@ def print_details(r: Result) -> None:
             print(f"  {v.name:<20} FAILED: {v.error}")
             continue
         print(f"  {v.name:<20} {kernel_summary(v.nodes)}")
+    for v in r.variants.values():
+        cells = [
+            f"b{b} median {t.median_ms:.3f} ms (min {min(t.samples_ms):.3f}, IQR/median {t.spread:.0%}, "
+            f"{len(t.samples_ms)} rounds x {t.calls} calls)"
+            for b, t in v.timing.items()
+        ]
+        if cells:
+            print(f"  {v.name:<20} {'; '.join(cells)}")
+    for v in r.variants.values():
+        if v.profile:
+            total = sum(v.profile.values())
+            top = ", ".join(f"{op} {ms:.1f}" for op, ms in list(v.profile.items())[:6])
+            print(f"  {v.name:<20} profile at batch 32, ms per run: {top} (all ops {total:.1f})")
     ours = r.variants[ORT]
     if ours.error is None and ours.kernels is not None:
         kernels = ", ".join(f"{op} {n}" for op, n in sorted(ours.kernels.items(), key=lambda kv: -kv[1]))

@@ -4,6 +4,7 @@
     qat-plugin tune recipes/tune_digits.yaml        # which layers should stay FP32?
     qat-plugin describe model.keras                 # every quantizer and its range
     qat-plugin export model.keras --out model.onnx  # Q/DQ ONNX, checked in onnxruntime
+    qat-plugin export model.keras --out model.tflite  # int8 TFLite, checked in LiteRT
     qat-plugin compare --experiment qat-digits      # the experiment's MLflow runs as a table
 """
 
@@ -63,21 +64,34 @@ def cmd_describe(args) -> int:
 def cmd_export(args) -> int:
     import numpy as np
 
-    from qat_plugin import export_onnx, quantize_model, quantize_wrappers
+    from qat_plugin import export_onnx, export_tflite, quantize_model, quantize_wrappers
 
     model = _load(args.model)
     data = np.load(args.data) if args.data else None
     x = None if data is None else data[args.key].astype("float32")
     if x is not None and x.ndim == 3:
         x = x[..., None] / (255.0 if data[args.key].dtype == np.uint8 else 1.0)
+    tflite = str(args.out).endswith(".tflite")
     if not quantize_wrappers(model):
         if x is None:
             print("error: the model is FP32; pass --data FILE.npz to calibrate it, or export a quantized model.", file=sys.stderr)
             return 2
         model = quantize_model(model, policy=args.policy, calibration_data=x)
-    report = export_onnx(model, args.out, opset=args.opset, validation_data=None if x is None else x[: args.check])
-    print(f"wrote {report.path}: {report.file_bytes:,d} bytes, {report.num_qdq_weights} int8 weights, "
-          f"{report.num_qdq_inputs} quantized activations" + (
+    sample = None if x is None else x[: args.check]
+    if tflite:
+        report = export_tflite(model, args.out, representative_data=sample, validation_data=sample)
+        print(f"wrote {report.path}: {report.file_bytes:,d} bytes, "
+              f"{'fully int8' if report.fully_int8 else 'float ops left: ' + str(report.float_ops)}" + (
+                  f", argmax agreement with Keras {report.agreement:.4f} (max |diff| {report.max_abs_diff:.3g})"
+                  if report.agreement is not None else ""))
+        return 0
+    report = export_onnx(model, args.out, opset=args.opset, validation_data=sample)
+    fused = ""
+    if report.ort_kernels is not None:
+        fused = f", onnxruntime runs {sum(v for k, v in report.ort_kernels.items() if k.startswith('QLinear') or k == 'QGemm')} integer kernels"
+        fused += f" ({'none' if not report.float_compute else ', '.join(report.float_compute)} left in float)"
+    print(f"wrote {report.path} for {report.runtime}: {report.file_bytes:,d} bytes, {report.num_qdq_weights} int8 weights, "
+          f"{report.num_qdq_inputs} quantized activations{fused}" + (
               f", argmax agreement with Keras {report.agreement:.4f} (max |diff| {report.max_abs_diff:.3g})"
               if report.agreement is not None else ""))
     return 0
@@ -123,10 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("describe", help="print every quantizer of a quantized .keras model")
     p.add_argument("model")
     p.set_defaults(func=cmd_describe)
-    p = sub.add_parser("export", help="export a .keras model to Q/DQ ONNX and check it in onnxruntime")
+    p = sub.add_parser("export", help="export a .keras model to Q/DQ ONNX (or .tflite) and check it")
     p.add_argument("model")
     p.add_argument("--out", required=True)
-    p.add_argument("--policy", default="tensorrt", choices=["tensorrt"])
+    p.add_argument("--policy", default="tensorrt", choices=["tensorrt", "onnxruntime", "tflite"],
+                   help="placement for an FP32 model; also picks the format: tflite writes a .tflite file")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--data", help=".npz with inputs, to calibrate an FP32 model and to check the export")
     p.add_argument("--key", default="x_test", help="array in --data to use (default: x_test)")

@@ -20,7 +20,7 @@ from qat_plugin.config import QuantizationSpec, get_policy
 from qat_plugin.errors import SpecError
 
 DATA_SOURCES = ("sklearn_digits", "npz", "keras_dataset", "image_directory")
-EXPORTS = ("keras", "onnx")
+EXPORTS = ("keras", "onnx", "tflite")
 
 
 class RecipeError(SpecError):

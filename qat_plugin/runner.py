@@ -130,6 +130,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path = "qat_runs", *, quick: bool 
             tracking_uri=recipe.mlflow.get("tracking_uri"),
             eval_data=val if isinstance(val, tuple) else None,
             export_onnx="onnx" in recipe.export,
+            export_tflite="tflite" in recipe.export,
             registered_model_name=recipe.mlflow.get("registered_model_name"),
             artifact_dir=str(out / "mlflow"),
         )
@@ -156,6 +157,12 @@ def run_recipe(recipe: Recipe, out_dir: str | Path = "qat_runs", *, quick: bool 
 
         files["onnx"] = out / f"{recipe.name}_int8.onnx"
         export_onnx(model, files["onnx"], validation_data=example if not isinstance(val, tuple) else val[0][:512])
+    if "tflite" in recipe.export and "tflite" not in files:
+        from qat_plugin.export.tflite import export_tflite
+
+        files["tflite"] = out / f"{recipe.name}_int8.tflite"
+        sample = example if not isinstance(val, tuple) else val[0][:512]
+        export_tflite(model, files["tflite"], representative_data=sample, validation_data=sample)
     latency = {}
     if fp32_onnx is not None and fp32_onnx.exists():
         files = {"onnx FP32": fp32_onnx, **files}

@@ -139,3 +139,30 @@ def test_image_directory_recipe_runs_end_to_end(tmp_path, monkeypatch):
     loaded.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     assert loaded.evaluate(val, verbose=0)[1] == pytest.approx(summary.qat_accuracy)
     assert summary.mlflow_run_id is None  # no mlflow block, no run
+
+
+def test_cpu_recipe_exports_fused_onnx_and_int8_tflite_and_logs_both(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    import mlflow
+
+    from qat_plugin.runner import run_recipe
+
+    monkeypatch.chdir(tmp_path)
+    recipe = Recipe.from_yaml(Path(__file__).resolve().parents[1] / "recipes" / "digits_cpu.yaml")
+    # Fewer epochs than the shipped recipe, more than --quick: a near-untrained model's logits are
+    # near ties, which integer kernels may break either way.
+    recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, fp32_epochs=5, qat_epochs=1))
+    summary = run_recipe(recipe, "runs", verbose=0)
+    assert summary.files["tflite"].suffix == ".tflite" and summary.files["tflite"].stat().st_size > 1000
+    client = mlflow.MlflowClient(summary.tracking_uri)
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.data.params["qat.policy"] == "onnxruntime"
+    assert run.data.metrics["tflite_accuracy"] > 0.6 and run.data.metrics["onnx_accuracy"] > 0.6
+    assert abs(run.data.metrics["tflite_accuracy"] - run.data.metrics["onnx_accuracy"]) < 0.03
+
+    assert main(["export", str(summary.files["keras"]), "--out", "cpu.onnx"]) == 0
+    line = capsys.readouterr().out
+    assert "for onnxruntime" in line and "(none left in float)" in line, line
+    assert main(["export", str(summary.files["keras"]), "--out", "again.tflite"]) == 0
+    assert "fully int8" in capsys.readouterr().out

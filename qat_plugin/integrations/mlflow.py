@@ -199,7 +199,9 @@ class MlflowLogger:
         run_name: name of the run it creates.
         tracking_uri: MLflow tracking URI; None: MLflow's own setting.
         eval_data: `(x, y)` to measure FP32 / quantized / ONNX accuracy on.
-        export_onnx: export the final model to ONNX and check it in onnxruntime.
+        export_onnx: export the final model to ONNX and check it in onnxruntime
+            (laid out for the policy's runtime: TensorRT or onnxruntime).
+        export_tflite: also export an int8 TFLite file, checked in LiteRT.
         log_model: log an MLflow model (Keras flavour) with a signature.
         registered_model_name: also register that model under this name.
         artifact_dir: where files are written before upload (they stay there).
@@ -225,6 +227,7 @@ class MlflowLogger:
     tracking_uri: str | None = None
     eval_data: tuple | None = None
     export_onnx: bool = True
+    export_tflite: bool = False
     log_model: bool = True
     registered_model_name: str | None = None
     artifact_dir: str = "qat_artifacts"
@@ -361,6 +364,16 @@ class MlflowLogger:
             self._log_file(onnx_path, "model_files")
             if x is not None:
                 self._submit_batch(metrics={"onnx_accuracy": accuracy(y, run_onnx(onnx_path, x))}, step=step)
+        if self.export_tflite and cb._quantized:
+            from qat_plugin.export.tflite import export_tflite, run_tflite
+
+            tflite_path = self._dir / f"{model.name}_int8.tflite"
+            sample = None if x is None else x[:256]
+            export_tflite(model, tflite_path, representative_data=sample, validation_data=sample)
+            self.files["tflite"] = tflite_path
+            self._log_file(tflite_path, "model_files")
+            if x is not None:
+                self._submit_batch(metrics={"tflite_accuracy": accuracy(y, run_tflite(tflite_path, x))}, step=step)
 
     # ---------------------------------------------------------------- helpers
 
