@@ -70,7 +70,10 @@ class QATCallback(keras.callbacks.Callback):
         start_epoch: switch at the start of this epoch (0-based).
         start_step: or switch after this many optimizer steps.
         spec: a `QuantizationSpec` (partial quantization, bits, calibrator).
-        policy: placement policy, `"tensorrt"` by default.
+        policy: placement policy: `"tensorrt"` (default), `"onnxruntime"` or
+            `"tflite"`, or a `PlacementPolicy`. The CPU policies fold each
+            BatchNorm into its conv at the switch: from then on it trains
+            with its moving statistics frozen (gamma and beta still train).
         calibration_data: inputs for calibration (array, `(x, y)`,
             `tf.data.Dataset`, ...). Default: batches of the training data.
         calibration_batches: how many batches to calibrate on (default: the

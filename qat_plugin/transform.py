@@ -193,10 +193,21 @@ def _absorbed(layer, policy: PlacementPolicy, model_outputs: set[int]) -> dict:
     return found
 
 
+# Zero padding keeps a tensor on its quantization grid (a padded 0 is a
+# level), and the exporters fold it into the next conv's own padding.
+_ZERO_PADDING = (keras.layers.ZeroPadding1D, keras.layers.ZeroPadding2D, keras.layers.ZeroPadding3D)
+
+
 def _owner(tensor, owners: dict[int, object]):
-    """The wrapped layer whose output (after what it absorbed) is `tensor`, if any."""
-    history = getattr(tensor, "_keras_history", None)
-    return None if history is None else owners.get(id(history.operation))
+    """The wrapped layer whose output (after what it absorbed, then zero padding) is `tensor`, if any."""
+    while True:
+        history = getattr(tensor, "_keras_history", None)
+        if history is None:
+            return None
+        op = history.operation
+        if not isinstance(op, _ZERO_PADDING):
+            return owners.get(id(op))
+        tensor = op._inbound_nodes[history.node_index].input_tensors[0]
 
 
 def _check_names(spec: QuantizationSpec, layers: list) -> None:

@@ -177,3 +177,41 @@ def test_switch_inside_fit_folds_batchnorm_and_keeps_optimizer_state(digits, tmp
     restored = keras.models.load_model(path, safe_mode=True)
     np.testing.assert_array_equal(restored.predict(x[:64], verbose=0), model.predict(x[:64], verbose=0))
     assert restored.get_layer("conv1").batchnorm.name == "bn1"
+
+
+def test_seven_bit_weights_for_cpus_without_vnni(resnet, digits, tmp_path, monkeypatch):
+    import qat_plugin.export.onnx as onnx_export
+
+    x_train, _, x_test, _ = digits
+    monkeypatch.setattr(onnx_export, "cpu_has_vnni", lambda: False)
+    eight = qp.quantize_model(resnet, policy="onnxruntime", calibration_data=x_train[:256])
+    with pytest.warns(UserWarning, match=r"no VNNI.*weight_bits=7"):
+        qp.export_onnx(eight, tmp_path / "w8.onnx")
+    seven = qp.quantize_model(resnet, qp.QuantizationSpec(weight_bits=7), "onnxruntime", calibration_data=x_train[:256])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 7-bit weights: nothing to warn about
+        report = qp.export_onnx(seven, tmp_path / "w7.onnx", validation_data=x_test)
+    weights = [init for init in onnx.load(report.path).graph.initializer if init.data_type == onnx.TensorProto.INT8]
+    assert max(int(np.abs(onnx.numpy_helper.to_array(w)).max()) for w in weights) == 63
+    assert report.float_compute == [] and report.agreement >= 0.99
+
+
+def test_zero_padding_folds_into_the_strided_conv(tmp_path):
+    # MobileNetV2's pattern: ZeroPadding2D before a strided "valid" depthwise conv.
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((9, 9, 3))
+    x = L.ReLU(6.0, name="r0")(L.BatchNormalization(name="bn0")(L.Conv2D(8, 1, use_bias=False, name="expand")(inp)))
+    x = L.ZeroPadding2D(((0, 1), (0, 1)), name="pad")(x)
+    x = L.ReLU(6.0, name="r1")(L.BatchNormalization(name="bn1")(L.DepthwiseConv2D(3, strides=2, use_bias=False, name="dw")(x)))
+    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
+    data = np.random.rand(128, 9, 9, 3).astype("float32")
+    model.predict(data, verbose=0)
+    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data)
+    # The padded tensor is already quantized by `expand`'s output: the depthwise conv adds no quantizer.
+    assert not any(qmodel.get_layer("dw").input_quantizers)
+    report = qp.export_onnx(qmodel, tmp_path / "pad.onnx", validation_data=data)
+    assert "Pad" not in report.ort_kernels and report.ort_kernels["QLinearConv"] == 2, report.ort_kernels
+    assert report.float_compute == [] and report.agreement >= 0.99
+    np.testing.assert_allclose(qp.run_onnx(report.path, data), qmodel.predict(data, verbose=0), atol=0.05)

@@ -74,7 +74,7 @@ def _train(digits, logger, epochs=3, extra_callbacks=()):
     x, y, xv, yv = digits
     model = small_residual_cnn(input_shape=(8, 8, 1), seed=0)
     model.compile("adam", LOSS, metrics=["accuracy"])
-    cb = qp.QATCallback(start_epoch=1, verbose=0, loggers=[logger])
+    cb = qp.QATCallback(start_epoch=1, verbose=0, loggers=[logger] if logger is not None else [])
     model.fit(x[:512], y[:512], batch_size=64, epochs=epochs, validation_data=(xv, yv), callbacks=[cb, *extra_callbacks], verbose=0)
     return model, cb
 
@@ -156,6 +156,11 @@ def _kill_after_switch(server):
 
 
 def test_a_dead_server_costs_one_warning_and_nothing_is_lost(digits, tmp_path):
+    # The same training without MLflow, timed on this machine now: the bound below is relative,
+    # so a busy machine doesn't fail the test and a stalled sender still does.
+    start = time.time()
+    _train(digits, None, epochs=4)
+    baseline = time.time() - start
     server = Server(tmp_path).start()
     logger = MlflowLogger(run_name="dies", tracking_uri=server.uri, artifact_dir=str(tmp_path / "art"),
                           export_onnx=False, log_model=False, flush_timeout=20)
@@ -167,7 +172,7 @@ def test_a_dead_server_costs_one_warning_and_nothing_is_lost(digits, tmp_path):
             elapsed = time.time() - start
         ours = [w for w in caught if "MLflow" in str(w.message)]
         assert len(ours) == 1 and "replay(" in str(ours[0].message), [str(w.message) for w in caught]
-        assert elapsed < 120
+        assert elapsed < 2 * baseline + 60, (elapsed, baseline)  # flush_timeout=20 plus slack
         journal = next((tmp_path / "art").glob(f"*/{JOURNAL}"))
         assert journal.exists()
         server.start()  # the server comes back; send what it missed

@@ -24,7 +24,7 @@ def test_shipped_recipes_validate(path):
         ({"train": {"epochs": 3}}, r"`train.epochs` is not allowed.*'fp32_epochs'"),
         ({"data": {"source": "csv"}}, r"`data.source` must be one of \('sklearn_digits', 'npz'"),
         ({"data": {"source": "npz"}}, r"`data.source: npz` needs `data.path`"),
-        ({"export": ["tflite"]}, r"`export` entry 'tflite' is not allowed"),
+        ({"export": ["coreml"]}, r"`export` entry 'coreml' is not allowed. Allowed: \('keras', 'onnx', 'tflite'\)"),
         ({"spec": {"bits": 8}}, r"Unknown QuantizationSpec keys \['bits'\]"),
         ({"policy": "tensorRT"}, r"Unknown placement policy"),
         ({"model": {"builder": "no_module"}}, r"'module:function'"),

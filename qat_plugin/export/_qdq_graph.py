@@ -393,6 +393,70 @@ def rewrite_qdq(model_proto, weight_bits: dict[str, int] | None = None) -> dict[
     return found
 
 
+def fold_zero_padding(model_proto) -> int:
+    """Fold a zero `Pad` on spatial axes into the `pads` of the Conv(s) it feeds: exact.
+
+    A ZeroPadding2D (MobileNetV2 and ResNet50 have them before strided
+    convs) otherwise sits in float between a DequantizeLinear and the conv's
+    input, so onnxruntime neither runs the pad in uint8 nor fuses the conv.
+    The Pad may feed the Conv directly or through a Q/DQ pair: a padded zero
+    quantizes to the zero point and dequantizes back to 0, which is what the
+    Conv's own zero padding adds.
+
+    Returns:
+        How many Pad nodes were folded.
+    """
+    g = _Graph(model_proto.graph)
+    folded = 0
+    for pad in [n for n in g.graph.node if n.op_type == "Pad"]:
+        if (_attr(pad, "mode", b"constant") or b"constant") != b"constant" or pad.output[0] in g.outputs:
+            continue
+        pads = g.const(pad.input[1]) if len(pad.input) > 1 else None
+        value = g.const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(())
+        if pads is None or value is None or np.any(value != 0) or (len(pad.input) > 3 and pad.input[3]):
+            continue
+        rank = len(pads) // 2
+        begin, end = [int(v) for v in pads[:rank]], [int(v) for v in pads[rank:]]
+        if rank < 3 or begin[:2] != [0, 0] or end[:2] != [0, 0] or min(begin + end) < 0:
+            continue  # NCHW: only spatial padding is a conv's padding
+        # Every path from the Pad must end in a Conv's data input, through at most one Q -> DQ.
+        convs, q_nodes, ok = [], [], True
+        for node, i in g.consumers.get(pad.output[0], []):
+            if node.op_type == "Conv" and i == 0:
+                convs.append(node)
+            elif node.op_type == "QuantizeLinear" and node.output[0] not in g.outputs:
+                q_nodes.append(node)
+                for dq, j in g.consumers.get(node.output[0], []):
+                    if dq.op_type != "DequantizeLinear" or j != 0 or dq.output[0] in g.outputs:
+                        ok = False
+                        continue
+                    for conv, k in g.consumers.get(dq.output[0], []):
+                        ok &= conv.op_type == "Conv" and k == 0
+                        convs.append(conv)
+            else:
+                ok = False
+        if not ok or not convs or any((_attr(c, "auto_pad", b"NOTSET") or b"NOTSET") != b"NOTSET" for c in convs):
+            continue
+        spatial = rank - 2
+        for conv in convs:
+            old = list(_attr(conv, "pads", [0] * (2 * spatial)))
+            new = [old[d] + begin[2 + d] for d in range(spatial)] + [old[spatial + d] + end[2 + d] for d in range(spatial)]
+            for a in list(conv.attribute):
+                if a.name == "pads":
+                    conv.attribute.remove(a)
+            from onnx import helper
+
+            conv.attribute.append(helper.make_attribute("pads", new))
+            if conv.input[0] == pad.output[0]:
+                conv.input[0] = pad.input[0]
+        for q in q_nodes:
+            q.input[0] = pad.input[0]
+        g.reindex()
+        folded += 1
+    _clean(g)
+    return folded
+
+
 def to_uint8_activations(model_proto) -> int:
     """Store every int8 activation pair as uint8 with zero point 128, the same scale: exact.
 
@@ -417,14 +481,27 @@ def to_uint8_activations(model_proto) -> int:
         zp = g.const(q.input[2])
         if zp is None or zp.dtype != np.int8 or zp.size != 1 or int(zp.reshape(-1)[0]) != 0:
             continue
-        dqs = [n for n, i in g.consumers.get(q.output[0], []) if n.op_type == "DequantizeLinear" and i == 0]
-        if len(dqs) != len(g.consumers.get(q.output[0], [])) or q.output[0] in g.outputs:
-            continue  # an int8 tensor read by something else keeps its type
+        # The DQs reading it, directly or through layout ops (tf2onnx writes a
+        # Reshape for a transpose of a 1x1 map); anything else keeps int8.
+        dqs, tensors, todo, ok = [], [], [q.output[0]], True
+        while todo and ok:
+            name = todo.pop()
+            tensors.append(name)
+            ok = name not in g.outputs and bool(g.consumers.get(name))
+            for node, i in g.consumers.get(name, []):
+                if node.op_type == "DequantizeLinear" and i == 0:
+                    dqs.append(node)
+                elif node.op_type in _LAYOUT_OPS and i == 0:
+                    todo.append(node.output[0])
+                else:
+                    ok = False
+        if not ok:
+            continue
         new_zp = g.add_init("zero_point_u8", np.full(zp.shape, 128, np.uint8))
         for node in [q, *dqs]:
             node.input[2] = new_zp
-        for info in g.graph.value_info:  # tf2onnx records the int8 type of Q's output
-            if info.name == q.output[0]:
+        for info in g.graph.value_info:  # tf2onnx records the int8 type of these tensors
+            if info.name in tensors:
                 info.type.tensor_type.elem_type = 2  # TensorProto.UINT8
         changed += 1
     _clean(g)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ from qat_plugin.export._qdq_graph import (
     QDQPair,
     _Graph,
     _require,
+    fold_zero_padding,
     qdq_pairs,
     quantize_like_onnx,
     rewrite_qdq,
@@ -118,6 +120,44 @@ def ort_kernels(path: str | os.PathLike) -> dict[str, int]:
         ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
         graph = onnx.load(options.optimized_model_filepath).graph
     return dict(collections.Counter(n.op_type for n in graph.node))
+
+
+def cpu_has_vnni() -> bool | None:
+    """Whether this x86 CPU has VNNI (AVX512_VNNI, AVX_VNNI or AMX): None when it can't tell.
+
+    Without VNNI, onnxruntime's uint8 x int8 kernels (AVX2's `vpmaddubsw`)
+    add pairs of products in int16, which saturates for 8-bit weights; 7-bit
+    weights (`QuantizationSpec(weight_bits=7)`, onnxruntime's "reduce_range")
+    can't saturate. With VNNI the products go straight to int32.
+
+    >>> cpu_has_vnni() in (True, False, None)
+    True
+    """
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+
+
+def _warn_if_saturating(model) -> None:
+    from qat_plugin.wrappers import quantize_wrappers
+
+    eight_bit = [w.name for w in quantize_wrappers(model) if any(q.bits == 8 for q in w.weight_quantizers.values())]
+    if eight_bit and cpu_has_vnni() is False:
+        warnings.warn(
+            f"This CPU has no VNNI: onnxruntime's uint8 x int8 kernels can saturate with 8-bit weights "
+            f"({len(eight_bit)} layers, e.g. {eight_bit[:3]}). If you deploy on such a CPU, quantize with "
+            "QuantizationSpec(weight_bits=7); CPUs with AVX512_VNNI/AVX_VNNI run 8-bit weights exactly.",
+            stacklevel=3,
+        )
 
 
 def _default_runtime(model) -> str:
@@ -271,10 +311,20 @@ class _FakeQuantOp:
 
 
 def _reads_weight(tensor) -> bool:
-    op = tensor.op
-    while op.type in ("Identity", "Cast") and op.inputs:
-        op = op.inputs[0].op
-    return op.type in ("ReadVariableOp", "Const")
+    """True if `tensor` is computed from variables and constants only (a kernel, or one folded with a BatchNorm)."""
+    import tensorflow as tf
+
+    seen, todo = set(), [tensor.op]
+    while todo:
+        op = todo.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        # Variables reach a traced function as resource placeholders; data as any other kind.
+        if op.type == "Placeholder" and op.outputs[0].dtype != tf.resource:
+            return False
+        todo.extend(i.op for i in op.inputs)
+    return True
 
 
 def _fake_quant_ops(model, signature) -> list[_FakeQuantOp]:
@@ -444,7 +494,9 @@ def export_onnx(
     if floats:
         raise ExportError(f"Weights {floats[:5]} could not be stored as int8 (an unexpected layout between Q and DQ).")
     if runtime == "onnxruntime":
+        fold_zero_padding(proto)
         to_uint8_activations(proto)
+        _warn_if_saturating(model)
     try:
         onnx.checker.check_model(proto)  # tf2onnx leaves ops it couldn't convert in place
     except onnx.checker.ValidationError as e:
