@@ -194,7 +194,8 @@ def _absorbed(layer, policy: PlacementPolicy, model_outputs: set[int]) -> dict:
 
 
 # Zero padding keeps a tensor on its quantization grid (a padded 0 is a
-# level), and the exporters fold it into the next conv's own padding.
+# level); with no Q/DQ between it and the conv, onnxruntime folds it into
+# its integer conv's own padding.
 _ZERO_PADDING = (keras.layers.ZeroPadding1D, keras.layers.ZeroPadding2D, keras.layers.ZeroPadding3D)
 
 

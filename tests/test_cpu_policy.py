@@ -209,9 +209,11 @@ def test_zero_padding_folds_into_the_strided_conv(tmp_path):
     data = np.random.rand(128, 9, 9, 3).astype("float32")
     model.predict(data, verbose=0)
     qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data)
-    # The padded tensor is already quantized by `expand`'s output: the depthwise conv adds no quantizer.
+    # The padded tensor is already quantized by `expand`'s output: the depthwise conv adds no quantizer,
+    # so onnxruntime sees DQ -> Pad -> Conv and folds the pad into its integer conv.
     assert not any(qmodel.get_layer("dw").input_quantizers)
     report = qp.export_onnx(qmodel, tmp_path / "pad.onnx", validation_data=data)
     assert "Pad" not in report.ort_kernels and report.ort_kernels["QLinearConv"] == 2, report.ort_kernels
     assert report.float_compute == [] and report.agreement >= 0.99
     np.testing.assert_allclose(qp.run_onnx(report.path, data), qmodel.predict(data, verbose=0), atol=0.05)
+

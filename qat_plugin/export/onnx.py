@@ -34,7 +34,6 @@ from qat_plugin.export._qdq_graph import (
     QDQPair,
     _Graph,
     _require,
-    fold_zero_padding,
     qdq_pairs,
     quantize_like_onnx,
     rewrite_qdq,
@@ -494,7 +493,6 @@ def export_onnx(
     if floats:
         raise ExportError(f"Weights {floats[:5]} could not be stored as int8 (an unexpected layout between Q and DQ).")
     if runtime == "onnxruntime":
-        fold_zero_padding(proto)
         to_uint8_activations(proto)
         _warn_if_saturating(model)
     try:
