@@ -88,7 +88,7 @@ def cmd_export(args) -> int:
     report = export_onnx(model, args.out, opset=args.opset, validation_data=sample)
     fused = ""
     if report.ort_kernels is not None:
-        fused = f", onnxruntime runs {sum(v for k, v in report.ort_kernels.items() if k.startswith('QLinear') or k == 'QGemm')} integer kernels"
+        fused = f", onnxruntime runs {report.num_integer_kernels} integer kernels"
         fused += f" ({'none' if not report.float_compute else ', '.join(report.float_compute)} left in float)"
     print(f"wrote {report.path} for {report.runtime}: {report.file_bytes:,d} bytes, {report.num_qdq_weights} int8 weights, "
           f"{report.num_qdq_inputs} quantized activations{fused}" + (
