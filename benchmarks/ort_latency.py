@@ -1,6 +1,6 @@
 """onnxruntime CPU latency of our int8 ONNX files vs FP32 and vs onnxruntime's own PTQ, side by side.
 
-    python benchmarks/ort_latency.py                          # ~16 min on 2 shared cores: ResNet-8, ResNet50, MobileNetV2 at 224
+    python benchmarks/ort_latency.py                          # ~12 min on 2 idle cores (16 when shared): ResNet-8, ResNet50, MobileNetV2 at 224
     python benchmarks/ort_latency.py --size 96 --repeats 10   # faster: ResNet50/MobileNetV2 at 96x96
     python benchmarks/ort_latency.py --models resnet8,mobilenetv2 --size 128
     python benchmarks/ort_latency.py --quick                  # smoke run, under 2 minutes
