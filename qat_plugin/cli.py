@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--out", required=True)
     p.add_argument("--policy", default="tensorrt", choices=["tensorrt", "onnxruntime", "tflite"],
-                   help="placement for an FP32 model; also picks the format: tflite writes a .tflite file")
+                   help="placement for an FP32 model; the format follows --out (.onnx or .tflite)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--data", help=".npz with inputs, to calibrate an FP32 model and to check the export")
     p.add_argument("--key", default="x_test", help="array in --data to use (default: x_test)")

@@ -152,16 +152,16 @@ def run_recipe(recipe: Recipe, out_dir: str | Path = "qat_runs", *, quick: bool 
     if "keras" in recipe.export and "keras" not in files:
         files["keras"] = out / f"{recipe.name}_qat.keras"
         model.save(files["keras"])
+    sample = example if not isinstance(val, tuple) else val[0][:512]  # what each export is checked on
     if "onnx" in recipe.export and "onnx" not in files:
         from qat_plugin.export.onnx import export_onnx
 
         files["onnx"] = out / f"{recipe.name}_int8.onnx"
-        export_onnx(model, files["onnx"], validation_data=example if not isinstance(val, tuple) else val[0][:512])
+        export_onnx(model, files["onnx"], validation_data=sample)
     if "tflite" in recipe.export and "tflite" not in files:
         from qat_plugin.export.tflite import export_tflite
 
         files["tflite"] = out / f"{recipe.name}_int8.tflite"
-        sample = example if not isinstance(val, tuple) else val[0][:512]
         export_tflite(model, files["tflite"], representative_data=sample, validation_data=sample)
     latency = {}
     if fp32_onnx is not None and fp32_onnx.exists():
