@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from qat_plugin.errors import ExportError
+from qat_plugin.export._agreement import check_validation_args, compare
 from qat_plugin.export._qdq_graph import (
     QDQPair,
     _Graph,
@@ -183,13 +184,6 @@ _ORT_TYPES = {
 }
 
 
-def _check_validation_args(min_agreement, batch_size) -> None:
-    if isinstance(min_agreement, bool) or not isinstance(min_agreement, (int, float)) or not 0 <= min_agreement <= 1:
-        raise ValueError(f"`min_agreement` must be a number in [0, 1]. Received: min_agreement={min_agreement!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be an int >= 1. Received: batch_size={batch_size!r}")
-
-
 def _input_arrays(data, specs) -> list[np.ndarray]:
     names = [s.name for s in specs]
     if isinstance(data, dict):
@@ -243,7 +237,7 @@ def run_onnx(path: str | os.PathLike, data, *, batch_size: int = 32):
     >>> (logits.argmax(-1) == y_test).mean()  # doctest: +SKIP
     0.9765
     """
-    _check_validation_args(0.0, batch_size)
+    check_validation_args(0.0, batch_size)
     session = _session(path)
     outputs = _run(session, _input_arrays(data, session.get_inputs()), batch_size)
     return outputs[0] if len(outputs) == 1 else outputs
@@ -281,29 +275,14 @@ def verify_onnx(
     >>> verify_onnx(qmodel, "model_int8.onnx", x_test[:256])  # doctest: +SKIP
     (1.0, 0.0041, 256)
     """
-    _check_validation_args(min_agreement, batch_size)
+    check_validation_args(min_agreement, batch_size)
     session = _session(path)
     out_names = [o.name for o in session.get_outputs()]
     arrays = _input_arrays(data, session.get_inputs())
-    n = len(arrays[0])
     onnx_out = _run(session, arrays, batch_size)
     x = data if isinstance(data, dict) else arrays[0] if len(arrays) == 1 else arrays
     keras_out = _as_list(model.predict(x, batch_size=batch_size, verbose=0), out_names)
-    if [k.shape for k in keras_out] != [o.shape for o in onnx_out]:
-        raise ExportError(
-            f"The ONNX file {path} and the Keras model give outputs of different shapes: "
-            f"{[o.shape for o in onnx_out]} vs {[k.shape for k in keras_out]}."
-        )
-    pairs = list(zip(keras_out, onnx_out))
-    diff = max(float(np.max(np.abs(k.astype(np.float64) - o))) for k, o in pairs)
-    agree = [float(np.mean(k.argmax(-1) == o.argmax(-1))) for k, o in pairs if k.ndim >= 2 and k.shape[-1] > 1]
-    agreement = min(agree) if agree else None
-    if agreement is not None and agreement < min_agreement:
-        raise ExportError(
-            f"The ONNX file {path} (kept for inspection) agrees with the Keras model on {agreement:.4%} of "
-            f"argmax predictions over {n} samples, below min_agreement={min_agreement}; max abs diff {diff:.4g}."
-        )
-    return agreement, diff, n
+    return compare(keras_out, onnx_out, f"The ONNX file {path}", min_agreement)
 
 
 # ------------------------------------------------------------------ export
@@ -481,7 +460,7 @@ def export_onnx(
         )
     if min_agreement is None:
         min_agreement = DEFAULT_AGREEMENT[runtime]
-    _check_validation_args(min_agreement, batch_size)  # before the slow conversion
+    check_validation_args(min_agreement, batch_size)  # before the slow conversion
     traced = _for_tf2onnx(model)
     signature = _signature(traced, input_signature)
     ops = _fake_quant_ops(traced, signature)

@@ -43,6 +43,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from qat_plugin.errors import ExportError
+from qat_plugin.export._agreement import check_validation_args, compare
 
 __all__ = ["TFLiteExportReport", "export_tflite", "run_tflite", "verify_tflite"]
 
@@ -223,16 +224,6 @@ def _run(interpreter, data, batch_size: int, order: Sequence[str] | None = None)
     return [_dequantize_output(np.concatenate(batches[name]), out_details[name]) for name in out_names]
 
 
-def _check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be an int >= 1. Received: batch_size={batch_size!r}")
-
-
-def _check_min_agreement(min_agreement) -> None:
-    if isinstance(min_agreement, bool) or not isinstance(min_agreement, (int, float)) or not 0 <= min_agreement <= 1:
-        raise ValueError(f"`min_agreement` must be a number in [0, 1]. Received: min_agreement={min_agreement!r}")
-
-
 def _existing_file(path) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"`path` must be a str or os.PathLike. Received: path={path!r}")
@@ -270,7 +261,7 @@ def run_tflite(path: str | os.PathLike, data, *, batch_size: int = 32, num_threa
     >>> (logits.argmax(-1) == y_test).mean()  # doctest: +SKIP
     0.9765
     """
-    _check_batch_size(batch_size)
+    check_validation_args(0.0, batch_size)
     outputs = _run(_interpreter(_existing_file(path), num_threads), data, batch_size)
     return outputs[0] if len(outputs) == 1 else outputs
 
@@ -315,8 +306,7 @@ def verify_tflite(
     >>> verify_tflite(qmodel, "model_int8.tflite", x_test[:256])  # doctest: +SKIP
     (1.0, 0.168, 256)
     """
-    _check_min_agreement(min_agreement)
-    _check_batch_size(batch_size)
+    check_validation_args(min_agreement, batch_size)
     path = _existing_file(path)
     interpreter = _interpreter(path)
     in_names = list(interpreter.get_signature_runner().get_input_details())
@@ -324,22 +314,7 @@ def verify_tflite(
     lite_out = _run(interpreter, data, batch_size, order)
     feeds = data if isinstance(data, dict) or not isinstance(data, (list, tuple)) else list(data)
     keras_out = _as_list(model.predict(feeds, batch_size=batch_size, verbose=0))
-    n = len(lite_out[0])
-    if [k.shape for k in keras_out] != [o.shape for o in lite_out]:
-        raise ExportError(
-            f"The TFLite file {path} and the Keras model give outputs of different shapes: "
-            f"{[o.shape for o in lite_out]} vs {[k.shape for k in keras_out]}."
-        )
-    pairs = list(zip(keras_out, lite_out))
-    diff = max(float(np.max(np.abs(k.astype(np.float64) - o))) for k, o in pairs)
-    agree = [float(np.mean(k.argmax(-1) == o.argmax(-1))) for k, o in pairs if k.ndim >= 2 and k.shape[-1] > 1]
-    agreement = min(agree) if agree else None
-    if agreement is not None and agreement < min_agreement:
-        raise ExportError(
-            f"The TFLite file {path} (kept for inspection) agrees with the Keras model on {agreement:.4%} of "
-            f"argmax predictions over {n} samples, below min_agreement={min_agreement}; max abs diff {diff:.4g}."
-        )
-    return agreement, diff, n
+    return compare(keras_out, lite_out, f"The TFLite file {path}", min_agreement)
 
 
 # ------------------------------------------------------------------ export
@@ -506,8 +481,7 @@ def export_tflite(
         raise ValueError(f"`path` is a folder; give a file name such as {os.path.join(path, 'model_int8.tflite')!r}.")
     if not isinstance(int8_io, bool):
         raise ValueError(f"`int8_io` must be True or False. Received: int8_io={int8_io!r}")
-    _check_min_agreement(min_agreement)
-    _check_batch_size(batch_size)
+    check_validation_args(min_agreement, batch_size)
     inputs = _model_inputs(model)
     representative = None
     if representative_data is not None:
