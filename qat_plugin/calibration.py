@@ -7,6 +7,7 @@ measured on the activations the FP32 model produces.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 
 import keras
@@ -19,6 +20,17 @@ from qat_plugin.wrappers import QuantizeWrapper, quantize_wrappers
 _BINS = 2048
 # A range of exactly zero (a dead channel) would divide by zero at export.
 _MIN_AMAX = 1e-6
+# How many calibration samples are kept for the exporters' self-check: enough
+# to see a broken file, few enough to keep in memory with the model.
+SAMPLE_SIZE = 64
+
+# Real inputs seen by `calibrate`, for `export_onnx`/`export_tflite` to check
+# their files on when no validation data is given. Held beside the model, not
+# on it: an attribute would be tracked by Keras (and saved, cloned, compared in
+# configs); weak keys let the model go when the user drops it. Keyed by the
+# model and by each of its wrappers, because QATCallback calibrates a clone and
+# then moves the clone's wrappers into the user's own model object.
+_SAMPLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class RangeCollector:
@@ -110,6 +122,64 @@ def iterate_inputs(data, batch_size: int = 32) -> Iterator:
         yield element
 
 
+def _as_arrays(batch, names: list[str]) -> list[np.ndarray] | None:
+    """A batch as one numpy array per model input (in `names` order), or None if it can't be matched."""
+    if isinstance(batch, dict):
+        if sorted(batch) != sorted(names):
+            return None
+        batch = [batch[n] for n in names]
+    parts = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+    arrays = [keras.ops.convert_to_numpy(p) for p in parts]
+    if len(arrays) != len(names) or any(a.ndim == 0 for a in arrays):
+        return None
+    return arrays
+
+
+def _keep_sample(kept: list[list[np.ndarray]], batch, names: list[str]) -> None:
+    """Append copies of the first rows of `batch` until `SAMPLE_SIZE` samples are kept."""
+    have = sum(len(b[0]) for b in kept)
+    arrays = _as_arrays(batch, names) if have < SAMPLE_SIZE else None
+    if arrays:
+        # Copies: the user's arrays may be views, reused buffers or edited later.
+        kept.append([np.array(a[: SAMPLE_SIZE - have], copy=True) for a in arrays])
+
+
+def _remember(qmodel: keras.Model, kept: list[list[np.ndarray]], wrappers) -> None:
+    if not kept:
+        return
+    sample = [np.concatenate(parts) for parts in zip(*kept)]
+    for key in (qmodel, *wrappers):
+        _SAMPLES[key] = sample
+
+
+def calibration_sample(model: keras.Model) -> list[np.ndarray] | None:
+    """Up to `SAMPLE_SIZE` real inputs (one array per model input) that `model` was calibrated on.
+
+    `None` when `model` was not calibrated in this process (e.g. it was loaded
+    from a `.keras` file), or the kept inputs don't fit its input shapes.
+
+    >>> import numpy as np, keras
+    >>> from qat_plugin import quantize_model
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="dense")])
+    >>> qmodel = quantize_model(model, calibration_data=np.ones((100, 4), "float32"))
+    >>> [a.shape for a in calibration_sample(qmodel)]
+    [(64, 4)]
+    >>> calibration_sample(model) is None
+    True
+    """
+    sample = _SAMPLES.get(model)
+    if sample is None:
+        sample = next((_SAMPLES[w] for w in quantize_wrappers(model) if w in _SAMPLES), None)
+    inputs = getattr(model, "inputs", None) or []
+    if sample is None or len(sample) != len(inputs):
+        return None
+    for a, t in zip(sample, inputs):
+        expected = tuple(t.shape[1:])
+        if a.ndim != len(expected) + 1 or any(e is not None and e != s for e, s in zip(expected, a.shape[1:])):
+            return None  # the wrappers were reused in a model with other inputs
+    return sample
+
+
 def calibrate(
     qmodel: keras.Model,
     data,
@@ -133,6 +203,11 @@ def calibrate(
         batch_size: batch size used to slice arrays.
         histograms: if a dict is given, it is filled with
             `{"<layer>/<label>": (bin_edges, counts)}` of |x| for every range.
+
+    The first `SAMPLE_SIZE` (64) inputs are also kept, as copies, beside
+    `qmodel` (not in it: saving and cloning are unaffected), so that
+    `export_onnx` and `export_tflite` can check their files on real inputs
+    when no `validation_data` is given (see `calibration_sample`).
 
     Returns:
         `{"<layer>/<input|output>": amax}` for every range that was set.
@@ -160,11 +235,14 @@ def calibrate(
     for w in wrappers:
         w._calibration_hook = hook
     seen = 0
+    kept: list[list[np.ndarray]] = []
+    names = [t.name for t in (getattr(qmodel, "inputs", None) or [])]
     try:
         for batch in iterate_inputs(data, batch_size):
             if seen >= num_batches:
                 break
             qmodel(batch, training=False)
+            _keep_sample(kept, batch, names)
             seen += 1
     finally:
         for w in wrappers:
@@ -189,5 +267,6 @@ def calibrate(
             ranges[key] = float(amax)
             if histograms is not None:
                 histograms[key] = (collector.edges, collector.counts)
+    _remember(qmodel, kept, wrappers)
     return ranges
 

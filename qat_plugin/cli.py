@@ -81,9 +81,7 @@ def cmd_export(args) -> int:
     if tflite:
         report = export_tflite(model, args.out, representative_data=sample, validation_data=sample)
         print(f"wrote {report.path}: {report.file_bytes:,d} bytes, "
-              f"{'fully int8' if report.fully_int8 else 'float ops left: ' + str(report.float_ops)}" + (
-                  f", argmax agreement with Keras {report.agreement:.4f} (max |diff| {report.max_abs_diff:.3g})"
-                  if report.agreement is not None else ""))
+              f"{'fully int8' if report.fully_int8 else 'float ops left: ' + str(report.float_ops)}{_agreement(report)}")
         return 0
     report = export_onnx(model, args.out, opset=args.opset, validation_data=sample)
     fused = ""
@@ -91,10 +89,16 @@ def cmd_export(args) -> int:
         fused = f", onnxruntime runs {report.num_integer_kernels} integer kernels"
         fused += f" ({'none' if not report.float_compute else ', '.join(report.float_compute)} left in float)"
     print(f"wrote {report.path} for {report.runtime}: {report.file_bytes:,d} bytes, {report.num_qdq_weights} int8 weights, "
-          f"{report.num_qdq_inputs} quantized activations{fused}" + (
-              f", argmax agreement with Keras {report.agreement:.4f} (max |diff| {report.max_abs_diff:.3g})"
-              if report.agreement is not None else ""))
+          f"{report.num_qdq_inputs} quantized activations{fused}{_agreement(report)}")
     return 0
+
+
+def _agreement(report) -> str:
+    """Which inputs the export checked itself on, and how closely it matched Keras."""
+    if report.agreement is None:
+        return ""
+    return (f", argmax agreement with Keras {report.agreement:.4f} (max |diff| {report.max_abs_diff:.3g}) "
+            f"on {report.num_samples} {report.checked_on} inputs")
 
 
 def cmd_compare(args) -> int:

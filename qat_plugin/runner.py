@@ -56,7 +56,15 @@ class _FP32Probe(keras.callbacks.Callback):
             if self.onnx_path is not None:
                 from qat_plugin.export.onnx import export_onnx
 
-                export_onnx(self.model, self.onnx_path)
+                export_onnx(self.model, self.onnx_path, validation_data=_first_inputs(self.val))
+
+
+def _first_inputs(val, n: int = 256):
+    """Up to `n` validation inputs: from `(x, y)` arrays, or the first batch of a dataset."""
+    if isinstance(val, tuple):
+        return val[0][:n]
+    x = next(iter(val))[0]
+    return x[:n] if hasattr(x, "shape") else x
 
 
 def _accuracy(model, val) -> float:

@@ -193,20 +193,26 @@ def _absorbed(layer, policy: PlacementPolicy, model_outputs: set[int]) -> dict:
     return found
 
 
-# Zero padding keeps a tensor on its quantization grid (a padded 0 is a
-# level); with no Q/DQ between it and the conv, onnxruntime folds it into
-# its integer conv's own padding.
-_ZERO_PADDING = (keras.layers.ZeroPadding1D, keras.layers.ZeroPadding2D, keras.layers.ZeroPadding3D)
+# Zero padding and max pooling keep a tensor on its quantization grid (a
+# padded 0 is a level, the max of levels is a level), so they need no Q/DQ of
+# their own: onnxruntime folds the padding into its integer conv's own, and
+# runs the pooling on the producer's uint8 (a second quantizer there, signed
+# where the producer's is a ReLU's unsigned one, made ResNet50's stem
+# dequantize, pad and requantize 26 M values in float per batch).
+_ON_GRID = (
+    keras.layers.ZeroPadding1D, keras.layers.ZeroPadding2D, keras.layers.ZeroPadding3D,
+    keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D,
+)
 
 
 def _owner(tensor, owners: dict[int, object]):
-    """The wrapped layer whose output (after what it absorbed, then zero padding) is `tensor`, if any."""
+    """The wrapped layer whose output (after what it absorbed, then zero padding or max pooling) is `tensor`."""
     while True:
         history = getattr(tensor, "_keras_history", None)
         if history is None:
             return None
         op = history.operation
-        if not isinstance(op, _ZERO_PADDING):
+        if id(op) in owners or not isinstance(op, _ON_GRID):
             return owners.get(id(op))
         tensor = op._inbound_nodes[history.node_index].input_tensors[0]
 

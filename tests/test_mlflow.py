@@ -130,6 +130,8 @@ def test_accuracies_and_artifacts(logged_run, tmp_path):
     assert m["fp32_accuracy"] == pytest.approx(val[0], abs=1e-6)
     assert m["quantized_accuracy"] == pytest.approx(val[2], abs=1e-6)
     assert abs(m["onnx_accuracy"] - m["quantized_accuracy"]) <= 0.01
+    # The export checked itself on the logger's own eval data, and the run says so.
+    assert m["onnx_agreement"] >= 0.99 and run.data.tags["qat.onnx_checked_on"] == "validation_data"
     paths = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model_files", "ranges", "plots"} <= paths
     files = {a.path for d in ("model_files", "ranges", "plots") for a in client.list_artifacts(run.info.run_id, d)}

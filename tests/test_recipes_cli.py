@@ -160,9 +160,12 @@ def test_cpu_recipe_exports_fused_onnx_and_int8_tflite_and_logs_both(tmp_path, m
     assert run.data.params["qat.policy"] == "onnxruntime"
     assert run.data.metrics["tflite_accuracy"] > 0.6 and run.data.metrics["onnx_accuracy"] > 0.6
     assert abs(run.data.metrics["tflite_accuracy"] - run.data.metrics["onnx_accuracy"]) < 0.03
+    assert run.data.metrics["tflite_agreement"] >= 0.99 and run.data.tags["qat.tflite_checked_on"] == "validation_data"
 
     assert main(["export", str(summary.files["keras"]), "--out", "cpu.onnx"]) == 0
     line = capsys.readouterr().out
     assert "for onnxruntime" in line and "(none left in float)" in line, line
+    # Loaded from a file with no --data: it checked itself on synthetic inputs, and says so.
+    assert "on 32 synthetic inputs" in line, line
     assert main(["export", str(summary.files["keras"]), "--out", "again.tflite"]) == 0
     assert "fully int8" in capsys.readouterr().out

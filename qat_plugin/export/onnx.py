@@ -30,15 +30,17 @@ from typing import Any
 import numpy as np
 
 from qat_plugin.errors import ExportError
-from qat_plugin.export._agreement import check_validation_args, compare
+from qat_plugin.export._agreement import MAX_REL_DIFF, check_validation_args, default_check_inputs, judge
 from qat_plugin.export._qdq_graph import (
     QDQPair,
     _Graph,
     _require,
+    pads_before_dequantize,
     qdq_pairs,
     quantize_like_onnx,
     rewrite_qdq,
     to_uint8_activations,
+    widen_one_channel_convs,
 )
 from qat_plugin.export.tensorrt import TensorRTCheck, check_tensorrt
 
@@ -70,9 +72,10 @@ class OnnxExportReport:
         num_qdq_weights: DequantizeLinear nodes fed by an int8 initializer (weights).
         file_bytes: the file's size.
         agreement: share of argmax predictions (last axis) equal to Keras's,
-            the lowest over outputs; `None` without `validation_data`.
-        max_abs_diff: largest |onnxruntime - Keras| over all outputs, or `None`.
-        num_samples: how many validation samples were compared.
+            the lowest over outputs, on the inputs named by `checked_on`;
+            `None` when no output has a last axis longer than 1.
+        max_abs_diff: largest |onnxruntime - Keras| over all outputs.
+        num_samples: how many samples were compared.
         input_names, output_names: the graph's inputs and outputs, in order.
         runtime: the runtime the file's Q/DQ layout is for.
         ort_kernels: for `runtime="onnxruntime"`, how many nodes of each type
@@ -80,6 +83,19 @@ class OnnxExportReport:
             a float `Conv` or `MatMul` here did not get an integer kernel.
         tensorrt: for `runtime="tensorrt"`, the `check_tensorrt` result
             (export raises if it found a problem).
+        checked_on: where the inputs the file was checked on came from:
+            `"validation_data"`; `"calibration sample"` (the first 64 inputs
+            `calibrate` saw, kept with the model in this process);
+            `"synthetic"` (32 fixed-seed inputs in the model input's calibrated
+            range, for a model loaded from a file or never calibrated; judged
+            only by how far the outputs are from Keras's); `"none"` (inputs
+            that can't be synthesized, e.g. integer ones: not checked).
+
+    Example:
+
+    >>> report = export_onnx(qmodel, "model_int8.onnx")  # doctest: +SKIP
+    >>> report.checked_on, report.num_samples, report.agreement  # doctest: +SKIP
+    ('calibration sample', 64, 1.0)
     """
 
     path: str
@@ -95,6 +111,7 @@ class OnnxExportReport:
     runtime: str = "tensorrt"
     ort_kernels: dict[str, int] | None = None
     tensorrt: TensorRTCheck | None = None
+    checked_on: str = "validation_data"
 
     @property
     def float_compute(self) -> list[str]:
@@ -276,13 +293,17 @@ def verify_onnx(
     (1.0, 0.0041, 256)
     """
     check_validation_args(min_agreement, batch_size)
+    keras_out, onnx_out = _keras_and_onnx_outputs(model, path, data, batch_size)
+    return judge(keras_out, onnx_out, f"The ONNX file {path}", "validation_data", min_agreement, None)
+
+
+def _keras_and_onnx_outputs(model, path, data, batch_size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     session = _session(path)
     out_names = [o.name for o in session.get_outputs()]
     arrays = _input_arrays(data, session.get_inputs())
     onnx_out = _run(session, arrays, batch_size)
     x = data if isinstance(data, dict) else arrays[0] if len(arrays) == 1 else arrays
-    keras_out = _as_list(model.predict(x, batch_size=batch_size, verbose=0), out_names)
-    return compare(keras_out, onnx_out, f"The ONNX file {path}", min_agreement)
+    return _as_list(model.predict(x, batch_size=batch_size, verbose=0), out_names), onnx_out
 
 
 # ------------------------------------------------------------------ export
@@ -320,7 +341,10 @@ def _fake_quant_ops(model, signature) -> list[_FakeQuantOp]:
     # Called the way tf2onnx calls it (TF's `trace_model_call`), so op names match.
     call = lambda *args: model(args[0] if len(args) == 1 else list(args), training=False)  # noqa: E731
     ops = []
-    for op in tf.function(call, input_signature=signature).get_concrete_function().graph.get_operations():
+    # autograph=False: a Functional model's call has no Python control flow to convert, and autograph
+    # can't read a lambda's source (it warned on every export).
+    traced = tf.function(call, input_signature=signature, autograph=False).get_concrete_function()
+    for op in traced.graph.get_operations():
         if op.type not in _FAKE_QUANT_OPS:
             continue
         # V3 takes num_bits as an input tensor, V2/V4 as an attribute.
@@ -414,14 +438,23 @@ def export_onnx(
         opset: ONNX opset, 13 to 18.
         input_signature: `tf.TensorSpec`s, one per input; default: the
             model's inputs with a free batch dimension.
-        validation_data: optional inputs (an array, a list of arrays, or a
-            dict by input name): the file is run in onnxruntime and compared
-            with `model.predict` (see `verify_onnx`).
+        validation_data: inputs (an array, a list of arrays, or a dict by
+            input name) the file is run on in onnxruntime and compared with
+            `model.predict` (see `verify_onnx`). Without it the file is still
+            checked: on the model's calibration sample (the first 64 inputs
+            `calibrate` saw in this process), else on 32 synthetic inputs with
+            a `UserWarning` (a model loaded from a `.keras` file, an FP32
+            model); `report.checked_on` says which. Without `validation_data`
+            the file must also stay within 5% of the largest Keras output
+            (a correct file is within a few output steps), and on synthetic
+            inputs only that is checked: random inputs give near-tied logits.
         min_agreement: the lowest share of matching argmax predictions
-            accepted; below it `ExportError` is raised and the file is kept.
-            Default: 0.999 for `runtime="tensorrt"` (onnxruntime computes it
-            in float, like Keras), 0.99 for `runtime="onnxruntime"` (integer
-            kernels requantize every output with their own rounding).
+            accepted on `validation_data`; below it `ExportError` is raised
+            and the file is kept. On a calibration sample (at most 64 inputs)
+            only more mismatches than this allows by chance raise. Default:
+            0.999 for `runtime="tensorrt"` (onnxruntime computes it in float,
+            like Keras), 0.99 for `runtime="onnxruntime"` (integer kernels
+            requantize every output with their own rounding).
         batch_size: batch size for the comparison.
         runtime: `"tensorrt"` (int8 Q/DQ, zero point 0, checked against
             TensorRT's rules by `check_tensorrt`) or `"onnxruntime"`
@@ -436,7 +469,11 @@ def export_onnx(
         ExportError: an activation range is uncalibrated or has fewer than 8
             bits, tf2onnx failed, a weight could not be stored as int8, the
             file breaks TensorRT's rules (`runtime="tensorrt"`), or it
-            disagrees with the Keras model.
+            disagrees with the Keras model (the file is kept for inspection).
+
+    Warns:
+        UserWarning: no `validation_data` and no calibration sample, so the
+            file was checked on synthetic inputs only.
 
     Example:
 
@@ -444,6 +481,8 @@ def export_onnx(
     >>> report = export_onnx(qmodel, "model_int8.onnx", validation_data=x_test)  # doctest: +SKIP
     >>> report.agreement, report.num_qdq_weights  # doctest: +SKIP
     (1.0, 5)
+    >>> export_onnx(qmodel, "model_int8.onnx").checked_on  # no validation_data  # doctest: +SKIP
+    'calibration sample'
     """
     onnx = _require("onnx", "onnx")
     tf2onnx = _require("tf2onnx", "tf2onnx")
@@ -481,6 +520,8 @@ def export_onnx(
         raise ExportError(f"Weights {floats[:5]} could not be stored as int8 (an unexpected layout between Q and DQ).")
     if runtime == "onnxruntime":
         to_uint8_activations(proto)
+        pads_before_dequantize(proto)
+        widen_one_channel_convs(proto)
         _warn_if_saturating(model)
     try:
         onnx.checker.check_model(proto)  # tf2onnx leaves ops it couldn't convert in place
@@ -492,11 +533,20 @@ def export_onnx(
     onnx.save(proto, path)
     kernels = ort_kernels(path) if runtime == "onnxruntime" else None
     trt = check_tensorrt(path).raise_if_failed() if runtime == "tensorrt" else None
+    what = f"The ONNX file {path}"
+    data, checked_on = validation_data, "validation_data"
+    if data is None:
+        data, checked_on = default_check_inputs(model, what)
+        if data is not None:
+            data = data[0] if len(data) == 1 else list(data)
     agreement, diff, n = None, None, 0
-    if validation_data is not None:
-        agreement, diff, n = verify_onnx(
-            model, path, validation_data, min_agreement=min_agreement, batch_size=batch_size
-        )
+    if data is not None:
+        keras_out, onnx_out = _keras_and_onnx_outputs(model, path, data, batch_size)
+        # Without validation_data, also bound the logits: ONNX files have no
+        # ranges of their own (unlike TFLite's converter), so a correct one is
+        # within a few output steps of Keras on any input.
+        max_rel = None if checked_on == "validation_data" else MAX_REL_DIFF
+        agreement, diff, n = judge(keras_out, onnx_out, what, checked_on, min_agreement, max_rel)
     pairs = qdq_pairs(proto)
     return OnnxExportReport(
         path=path,
@@ -512,4 +562,5 @@ def export_onnx(
         runtime=runtime,
         ort_kernels=kernels,
         tensorrt=trt,
+        checked_on=checked_on,
     )

@@ -359,21 +359,25 @@ class MlflowLogger:
             from qat_plugin.export.onnx import export_onnx, run_onnx
 
             onnx_path = self._dir / f"{model.name}.onnx"
-            export_onnx(model, onnx_path, validation_data=None if x is None else x[:256])
+            report = export_onnx(model, onnx_path, validation_data=None if x is None else x[:256])
             self.files["onnx"] = onnx_path
             self._log_file(onnx_path, "model_files")
+            metrics = {} if report.agreement is None else {"onnx_agreement": report.agreement}
             if x is not None:
-                self._submit_batch(metrics={"onnx_accuracy": accuracy(y, run_onnx(onnx_path, x))}, step=step)
+                metrics["onnx_accuracy"] = accuracy(y, run_onnx(onnx_path, x))
+            self._submit_batch(metrics=metrics, tags={"qat.onnx_checked_on": report.checked_on}, step=step)
         if self.export_tflite and cb._quantized:
             from qat_plugin.export.tflite import export_tflite, run_tflite
 
             tflite_path = self._dir / f"{model.name}_int8.tflite"
             sample = None if x is None else x[:256]
-            export_tflite(model, tflite_path, representative_data=sample, validation_data=sample)
+            report = export_tflite(model, tflite_path, representative_data=sample, validation_data=sample)
             self.files["tflite"] = tflite_path
             self._log_file(tflite_path, "model_files")
+            metrics = {} if report.agreement is None else {"tflite_agreement": report.agreement}
             if x is not None:
-                self._submit_batch(metrics={"tflite_accuracy": accuracy(y, run_tflite(tflite_path, x))}, step=step)
+                metrics["tflite_accuracy"] = accuracy(y, run_tflite(tflite_path, x))
+            self._submit_batch(metrics=metrics, tags={"qat.tflite_checked_on": report.checked_on}, step=step)
 
     # ---------------------------------------------------------------- helpers
 
