@@ -88,8 +88,9 @@ def test_onnxruntime_export_runs_every_conv_in_an_integer_kernel(resnet, digits,
     assert report.runtime == "onnxruntime" and report.agreement >= 0.99
     assert report.ort_kernels["QLinearConv"] == 9 and report.float_compute == [], report.ort_kernels
     assert report.ort_kernels["QLinearAdd"] == 3
-    # The 1-channel input conv reads a channel-padded copy of the digits (see the next tests).
-    assert report.ort_kernels["Pad"] == 1
+    # The 1-channel input conv reads the digits widened to 4 channels by a MatMul with [1 0 0 0], which
+    # is data movement: float_compute (checked above) leaves it out.
+    assert list(report.widened_convs.values()) == ["MatMul"] and report.ort_kernels["MatMul"] == 1
     # Activations are uint8 (onnxruntime's x86 kernels take no int8 activations); weights int8, zero point 0.
     pairs = qp.qdq_pairs(report.path)
     assert {p.dtype for p in pairs if p.kind == "activation"} == {"uint8"}
@@ -290,14 +291,38 @@ def test_pads_before_dequantize_is_exact():
     assert before.shape == (1, 2, 6, 6) and np.all(before[:, :, 0] == 0)
 
 
+def test_rgb_input_conv_is_widened_by_a_matmul(tmp_path, monkeypatch):
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((12, 12, 3))
+    x = L.ReLU(name="r0")(L.Conv2D(8, 3, strides=2, padding="same", name="stem")(inp))
+    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(L.Conv2D(8, 1, name="c1")(x))))
+    data = np.random.rand(64, 12, 12, 3).astype("float32")
+    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data)
+    report = qp.export_onnx(qmodel, tmp_path / "rgb.onnx", validation_data=data)
+    assert list(report.widened_convs.values()) == ["MatMul"] and report.float_compute == [], report
+    assert report.ort_kernels["QLinearConv"] == 2 and report.ort_kernels["MatMul"] == 1, report.ort_kernels
+    proto = onnx.load(report.path)
+    eye = next(a for a in map(onnx.numpy_helper.to_array, proto.graph.initializer) if a.shape == (3, 4))
+    np.testing.assert_array_equal(eye, np.eye(3, 4, dtype=np.float32))
+    assert report.agreement == 1.0
+    # Exact: the same model exported without the widening computes the very same numbers in onnxruntime.
+    import qat_plugin.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "widen_narrow_convs", lambda proto: {})
+    narrow = qp.export_onnx(qmodel, tmp_path / "narrow.onnx", validation_data=data)
+    assert narrow.widened_convs == {} and "MatMul" not in narrow.ort_kernels
+    np.testing.assert_array_equal(qp.run_onnx(report.path, data), qp.run_onnx(narrow.path, data))
+
+
 @pytest.mark.parametrize("channels_in", [1, 3])
 def test_one_channel_convs_are_widened_exactly(channels_in):
-    """A 1-channel integer conv gets 3 zero-weight channels more; the outputs, in float and in onnxruntime's
-    integer kernels, are the same numbers. A 3-channel conv is left alone (the pad would cost more)."""
+    """A 1-channel integer conv inside the graph gets 3 zero-weight channels by a Pad of its quantized input;
+    the outputs, in float and in onnxruntime's integer kernels, are the same numbers. A 3-channel conv that
+    does not read the model input is left alone (onnxruntime's NHWC pad would cost more than it saves)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from qat_plugin.export._qdq_graph import widen_one_channel_convs
+    from qat_plugin.export._qdq_graph import widen_narrow_convs
 
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, (8, channels_in, 3, 3)).astype(np.int8)
@@ -330,7 +355,7 @@ def test_one_channel_convs_are_widened_exactly(channels_in):
 
     levels = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     before = [run(proto, level) for level in levels]
-    assert widen_one_channel_convs(proto) == (1 if channels_in == 1 else 0)
+    assert list(widen_narrow_convs(proto).values()) == (["Pad"] if channels_in == 1 else [])
     if channels_in == 1:
         weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
         wide = next(v for v in weights.values() if v.dtype == np.int8 and v.ndim == 4)

@@ -500,33 +500,57 @@ def pads_before_dequantize(model_proto) -> int:
     return moved
 
 
-def widen_one_channel_convs(model_proto, channels: int = 4) -> int:
-    """Give every integer Conv that reads a 1-channel tensor `channels - 1` zero-weight extra ones: exact.
+def _image_route(g: _Graph, x_dq, channels: int):
+    """`(graph input, Q)` when `x_dq` reads `Q(layout(graph input))`, a float channels-last input of `channels`."""
+    q = g.producer.get(x_dq.input[0])
+    if q is None or q.op_type != "QuantizeLinear":
+        return None
+    layout = g.producer.get(q.input[0])
+    if layout is None or layout.op_type not in ("Transpose", "Reshape"):
+        return None
+    if layout.op_type == "Transpose" and list(_attr(layout, "perm", [])) not in ([0, 2, 1], [0, 3, 1, 2], [0, 4, 1, 2, 3]):
+        return None
+    source = next((i for i in g.graph.input if i.name == layout.input[0]), None)
+    if source is None or source.type.tensor_type.elem_type != 1:  # TensorProto.FLOAT
+        return None
+    dims = source.type.tensor_type.shape.dim
+    if not dims or not dims[-1].HasField("dim_value") or dims[-1].dim_value != channels:
+        return None
+    return source.name, q
 
-    `DQ(x) -> Conv(DQ(w))`, `w` int8 of shape `(O, 1, ...)`, becomes
-    `Pad(x, channels, zero point) -> DQ -> Conv(DQ(w'))` with `w'` = `w` and
-    zero weights for the new channels. The padded channels hold the zero
-    point (which dequantizes to 0) and meet zero weights: the sums are the
-    same. onnxruntime's x86 integer convs work on 4 input channels at a
-    time and take a slow path below that: ResNet-8's conv1 on 28x28x1 digits
-    (batch 32) ran 0.64 ms, 0.21 ms widened (plus 0.01 ms for the pad and
-    0.08 ms for a transpose), the whole net 1.66 -> 1.50 ms. Only 1-channel
-    inputs: with 3 (RGB) the conv also got 2.2x faster, but onnxruntime pads
-    NHWC's innermost axis element by element, which cost more than that
-    (MobileNetV2 at 224x224, batch 1: 0.45 ms for the pad, 0.15 ms saved).
+
+def widen_narrow_convs(model_proto, channels: int = 4) -> int:
+    """Give integer Convs with fewer than `channels` input channels zero-weight extra ones: exact.
+
+    onnxruntime's x86 integer convs work on 4 input channels at a time and
+    take a slow path below that, which is where an image meets the network:
+    ResNet-8's conv1 on 28x28x1 digits ran 0.64 ms at batch 32, 0.21 ms with
+    4 channels; MobileNetV2's 3-channel conv1 at 224x224 0.28 ms at batch 1,
+    0.13 ms. The weights `(O, C, ...)` get `channels - C` channels of zeros,
+    and the input gets as many channels that meet them:
+
+    - when the conv reads the (float, channels-last) model input, through
+      tf2onnx's layout op and the input's QuantizeLinear, by a MatMul with
+      `[I | 0]` on the input's last axis (exact in float: one product by 1
+      and zeros added). A Pad would do the same but onnxruntime pads the
+      innermost axis element by element: 0.45 ms at MobileNetV2's input,
+      more than the conv saves; the MatMul costs 0.06 ms;
+    - else, for a 1-channel tensor, by a Pad of its quantized values with
+      the zero point (which dequantizes to 0) on the channel axis.
 
     Returns:
-        How many Conv nodes were widened.
+        `{conv node name: "MatMul" or "Pad"}`, how each widened Conv got its
+        extra input channels.
 
     Example:
 
-    >>> widen_one_channel_convs(onnx.load("model.onnx"))  # doctest: +SKIP
-    1
+    >>> widen_narrow_convs(onnx.load("model.onnx"))  # doctest: +SKIP
+    {'model_1/conv1_1/convolution': 'MatMul'}
     """
     from onnx import helper
 
     g = _Graph(model_proto.graph)
-    widened = 0
+    widened: dict[str, str] = {}
     for conv in [n for n in g.graph.node if n.op_type == "Conv"]:
         x_dq, w_dq = (g.producer.get(name) for name in conv.input[:2])
         if _attr(conv, "group", 1) != 1 or x_dq is None or w_dq is None:
@@ -535,27 +559,44 @@ def widen_one_channel_convs(model_proto, channels: int = 4) -> int:
             continue
         w, w_scale = g.const(w_dq.input[0]), g.const(w_dq.input[1])
         x_scale, x_zp = g.const(x_dq.input[1]), g.const(x_dq.input[2])
-        if w is None or w_scale is None or w.dtype != np.int8 or w.ndim < 3 or w.shape[1] != 1:
+        if w is None or w_scale is None or w.dtype != np.int8 or w.ndim < 3 or w.shape[1] >= channels:
             continue
         if x_scale is None or x_zp is None or x_scale.size != 1 or (w_scale.size > 1 and _attr(w_dq, "axis", 1) != 0):
             continue
+        c = w.shape[1]
+        route = _image_route(g, x_dq, c)
+        if route is None and c != 1:
+            continue
+        names = {part: g.fresh(f"{conv.name}_{part}") for part in ("wide_input", "wide_nchw", "x_wide_q", "x_wide", "w_wide")}
+        if route is not None:
+            source, q = route
+            eye = np.zeros((c, channels), np.float32)
+            eye[:, :c] = np.eye(c, dtype=np.float32)
+            perm = [0, w.ndim - 1, *range(1, w.ndim - 1)]  # channels-last -> channels-first
+            g.graph.node.extend([
+                helper.make_node("MatMul", [source, g.add_init("widen_eye", eye)], [names["wide_input"]], name=names["wide_input"]),
+                helper.make_node("Transpose", [names["wide_input"]], [names["wide_nchw"]], name=names["wide_nchw"], perm=perm),
+                helper.make_node("QuantizeLinear", [names["wide_nchw"], *q.input[1:]], [names["x_wide_q"]], name=names["x_wide_q"]),
+            ])
+        else:
+            pads = np.zeros(2 * w.ndim, np.int64)
+            pads[w.ndim + 1] = channels - 1  # the end of the channel axis (NCHW)
+            fill = g.add_init("pad_zero_point", x_zp.reshape(()))
+            g.graph.node.append(helper.make_node(
+                "Pad", [x_dq.input[0], g.add_init("channel_pads", pads), fill], [names["x_wide_q"]], name=names["x_wide_q"]
+            ))
         wide = np.zeros((w.shape[0], channels, *w.shape[2:]), np.int8)
-        wide[:, :1] = w
-        pads = np.zeros(2 * w.ndim, np.int64)
-        pads[w.ndim + 1] = channels - 1  # the end of the channel axis (NCHW)
-        padded, x_out, w_out = (g.fresh(f"{conv.name}_{part}") for part in ("x_wide_q", "x_wide", "w_wide"))
-        fill = g.add_init("pad_zero_point", x_zp.reshape(()))
+        wide[:, :c] = w
         g.graph.node.extend([
-            helper.make_node("Pad", [x_dq.input[0], g.add_init("channel_pads", pads), fill], [padded], name=padded),
-            helper.make_node("DequantizeLinear", [padded, *x_dq.input[1:]], [x_out], name=x_out),
+            helper.make_node("DequantizeLinear", [names["x_wide_q"], *x_dq.input[1:]], [names["x_wide"]], name=names["x_wide"]),
             helper.make_node(
-                "DequantizeLinear", [g.add_init(w_dq.input[0] + "_wide", wide), *w_dq.input[1:]], [w_out],
-                name=w_out, **({"axis": 0} if w_scale.size > 1 else {}),
+                "DequantizeLinear", [g.add_init(w_dq.input[0] + "_wide", wide), *w_dq.input[1:]], [names["w_wide"]],
+                name=names["w_wide"], **({"axis": 0} if w_scale.size > 1 else {}),
             ),
         ])
-        conv.input[0], conv.input[1] = x_out, w_out
+        conv.input[0], conv.input[1] = names["x_wide"], names["w_wide"]
         g.reindex()
-        widened += 1
+        widened[conv.name] = "Pad" if route is None else "MatMul"
     if widened:
         _clean(g)
     return widened

@@ -40,7 +40,7 @@ from qat_plugin.export._qdq_graph import (
     quantize_like_onnx,
     rewrite_qdq,
     to_uint8_activations,
-    widen_one_channel_convs,
+    widen_narrow_convs,
 )
 from qat_plugin.export.tensorrt import TensorRTCheck, check_tensorrt
 
@@ -80,9 +80,15 @@ class OnnxExportReport:
         runtime: the runtime the file's Q/DQ layout is for.
         ort_kernels: for `runtime="onnxruntime"`, how many nodes of each type
             onnxruntime runs after fusing Q/DQ (e.g. `{"QLinearConv": 9, ...}`);
-            a float `Conv` or `MatMul` here did not get an integer kernel.
+            a float `Conv` or `MatMul` here did not get an integer kernel
+            (but for a MatMul that widens the input, see `widened_convs`;
+            `float_compute` leaves those out).
         tensorrt: for `runtime="tensorrt"`, the `check_tensorrt` result
             (export raises if it found a problem).
+        widened_convs: for `runtime="onnxruntime"`, the Convs with fewer than
+            4 input channels that got zero-weight extra ones (onnxruntime's
+            integer convs are slow below 4), and how: `"MatMul"` (a float
+            `[I | 0]` on the model input) or `"Pad"` (of the quantized tensor).
         checked_on: where the inputs the file was checked on came from:
             `"validation_data"`; `"calibration sample"` (the first 64 inputs
             `calibrate` saw, kept with the model in this process);
@@ -112,13 +118,17 @@ class OnnxExportReport:
     ort_kernels: dict[str, int] | None = None
     tensorrt: TensorRTCheck | None = None
     checked_on: str = "validation_data"
+    widened_convs: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def float_compute(self) -> list[str]:
         """Conv/MatMul/Gemm/Add nodes onnxruntime still runs in float (empty when every one fused)."""
         if not self.ort_kernels:
             return []
-        return [op for op in ("Conv", "MatMul", "Gemm", "Add") if self.ort_kernels.get(op)]
+        # The MatMuls that only widen an image input (`widened_convs`) are data movement, not compute.
+        widening = sum(how == "MatMul" for how in self.widened_convs.values())
+        counts = {**self.ort_kernels, "MatMul": self.ort_kernels.get("MatMul", 0) - widening}
+        return [op for op in ("Conv", "MatMul", "Gemm", "Add") if counts.get(op, 0) > 0]
 
     @property
     def num_integer_kernels(self) -> int:
@@ -518,10 +528,11 @@ def export_onnx(
     floats = [n.input[0] for n in g.graph.node if n.op_type == "QuantizeLinear" and g.const(n.input[0]) is not None]
     if floats:
         raise ExportError(f"Weights {floats[:5]} could not be stored as int8 (an unexpected layout between Q and DQ).")
+    widened: dict[str, str] = {}
     if runtime == "onnxruntime":
         to_uint8_activations(proto)
         pads_before_dequantize(proto)
-        widen_one_channel_convs(proto)
+        widened = widen_narrow_convs(proto)
         _warn_if_saturating(model)
     try:
         onnx.checker.check_model(proto)  # tf2onnx leaves ops it couldn't convert in place
@@ -563,4 +574,5 @@ def export_onnx(
         ort_kernels=kernels,
         tensorrt=trt,
         checked_on=checked_on,
+        widened_convs=widened,
     )
