@@ -500,26 +500,28 @@ def pads_before_dequantize(model_proto) -> int:
     return moved
 
 
-def _image_route(g: _Graph, x_dq, channels: int):
-    """`(graph input, Q)` when `x_dq` reads `Q(layout(graph input))`, a float channels-last input of `channels`."""
+def _image_route(g: _Graph, x_dq, channels: int, rank: int):
+    """`(graph input, Q)` when `x_dq` reads `Q(to_channels_first(graph input))`, a float channels-last input.
+
+    `to_channels_first` is tf2onnx's Transpose, or for one channel its Reshape.
+    """
     q = g.producer.get(x_dq.input[0])
-    if q is None or q.op_type != "QuantizeLinear":
-        return None
-    layout = g.producer.get(q.input[0])
-    if layout is None or layout.op_type not in ("Transpose", "Reshape"):
-        return None
-    if layout.op_type == "Transpose" and list(_attr(layout, "perm", [])) not in ([0, 2, 1], [0, 3, 1, 2], [0, 4, 1, 2, 3]):
-        return None
-    source = next((i for i in g.graph.input if i.name == layout.input[0]), None)
+    layout = None if q is None or q.op_type != "QuantizeLinear" else g.producer.get(q.input[0])
+    source = None if layout is None else next((i for i in g.graph.input if i.name == layout.input[0]), None)
     if source is None or source.type.tensor_type.elem_type != 1:  # TensorProto.FLOAT
         return None
-    dims = source.type.tensor_type.shape.dim
-    if not dims or not dims[-1].HasField("dim_value") or dims[-1].dim_value != channels:
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in source.type.tensor_type.shape.dim]
+    if len(dims) != rank or dims[-1] != channels or None in dims[1:]:
         return None
-    return source.name, q
+    if layout.op_type == "Transpose":
+        ok = list(_attr(layout, "perm", [])) == [0, rank - 1, *range(1, rank - 1)]
+    else:
+        shape = g.const(layout.input[1]) if layout.op_type == "Reshape" else None
+        ok = channels == 1 and shape is not None and list(shape[1:]) == [1, *dims[1:-1]]
+    return (source.name, q) if ok else None
 
 
-def widen_narrow_convs(model_proto, channels: int = 4) -> int:
+def widen_narrow_convs(model_proto, channels: int = 4) -> dict[str, str]:
     """Give integer Convs with fewer than `channels` input channels zero-weight extra ones: exact.
 
     onnxruntime's x86 integer convs work on 4 input channels at a time and
@@ -564,7 +566,7 @@ def widen_narrow_convs(model_proto, channels: int = 4) -> int:
         if x_scale is None or x_zp is None or x_scale.size != 1 or (w_scale.size > 1 and _attr(w_dq, "axis", 1) != 0):
             continue
         c = w.shape[1]
-        route = _image_route(g, x_dq, c)
+        route = _image_route(g, x_dq, c, w.ndim)
         if route is None and c != 1:
             continue
         names = {part: g.fresh(f"{conv.name}_{part}") for part in ("wide_input", "wide_nchw", "x_wide_q", "x_wide", "w_wide")}
