@@ -361,7 +361,8 @@ def clone_and_wrap(model: keras.Model, plan: dict, *, share_weights: bool) -> ke
 
     def copy(layer):
         new = layer if share_weights else layer.__class__.from_config(layer.get_config())
-        if not share_weights:
+        # Functional graphs also hold bare ops (`x + 3.0` in MobileNetV3's hard sigmoid): no weights to copy.
+        if not share_weights and isinstance(layer, keras.layers.Layer):
             copies.append((layer, new))
         return new
 

@@ -230,3 +230,16 @@ def test_describe_lists_every_quantizer():
     assert any(l.startswith("conv1") and "weight" in l and "yes" in l and "x16" in l for l in lines)
     assert "uncalibrated (call qat_plugin.calibrate)" in lines[-1]
     assert lines[-1].startswith(f"{len(qp.list_quantizers(q))} quantizers in 5 layers")
+
+
+def test_bare_ops_in_a_functional_graph_are_cloned():
+    # MobileNetV3's hard sigmoid, `ReLU6(x + 3) / 6`, puts bare ops (no weights) into the Functional graph.
+    inp = keras.Input((8,))
+    x = keras.layers.Dense(4, name="d")(inp)
+    x = keras.layers.ReLU(6.0)(x + 3.0) * (1.0 / 6.0)
+    model = keras.Model(inp, keras.layers.Dense(2, name="head")(x))
+    data = np.random.default_rng(0).random((16, 8)).astype("float32")
+    for policy in ("tensorrt", "onnxruntime"):
+        qmodel = qp.quantize_model(model, policy=policy, calibration_data=data)
+        np.testing.assert_array_equal(qmodel.get_layer("d").layer.kernel.numpy(), model.get_layer("d").kernel.numpy())
+        np.testing.assert_allclose(qmodel.predict(data, verbose=0), model.predict(data, verbose=0), atol=0.05)
