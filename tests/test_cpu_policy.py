@@ -362,3 +362,22 @@ def test_one_channel_convs_are_widened_exactly(channels_in):
         assert wide.shape == (8, 4, 3, 3) and np.array_equal(wide[:, :1], w) and not wide[:, 1:].any()
     for level, expected in zip(levels, before):
         np.testing.assert_array_equal(run(proto, level), expected)
+
+
+def test_concat_of_signed_branches_runs_in_integer_kernels(tmp_path):
+    # Inception's pattern: branches concatenated, then convs reading the concat. Linear branches are signed,
+    # so the int8 Concat between their Qs and its one DQ must shift to uint8 as a whole.
+    keras.utils.set_random_seed(6)
+    inp = keras.Input((10, 10, 4))
+    a = L.Conv2D(8, 1, name="a")(inp)
+    b = L.Conv2D(8, 3, padding="same", name="b")(inp)
+    x = L.Concatenate(name="cat")([a, b])
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="c")(x)
+    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
+    data = np.random.rand(64, 10, 10, 4).astype("float32") - 0.5
+    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data)
+    report = qp.export_onnx(qmodel, tmp_path / "cat.onnx", validation_data=data)
+    assert report.float_compute == [] and report.ort_kernels["QLinearConv"] == 3, report.ort_kernels
+    assert {p.dtype for p in qp.qdq_pairs(report.path) if p.kind == "activation"} == {"uint8"}
+    assert report.agreement >= 0.99
+    np.testing.assert_allclose(qp.run_onnx(report.path, data), qmodel.predict(data, verbose=0), atol=0.05)

@@ -399,7 +399,8 @@ def to_uint8_activations(model_proto) -> int:
     onnxruntime's x86 kernels (QLinearConv, QGemm) take uint8 activations
     only: a Conv fed or followed by an int8 pair stays in float there. The
     narrow int8 grid [-127, 127] shifts to [1, 255]. Pairs that are already
-    uint8 (after a ReLU) and weights are left alone.
+    uint8 (after a ReLU) and weights are left alone. The Qs of an int8
+    Concat shift together (InceptionV3 at 96x96: 68 -> 96 integer kernels).
 
     Returns:
         How many QuantizeLinear nodes were changed.
@@ -410,36 +411,54 @@ def to_uint8_activations(model_proto) -> int:
     12
     """
     g = _Graph(model_proto.graph)
-    changed = 0
+
+    def int8_zero(node) -> bool:
+        if g.const(node.input[0]) is not None or len(node.input) < 3 or not node.input[2]:
+            return False
+        zp = g.const(node.input[2])
+        return zp is not None and zp.dtype == np.int8 and zp.size == 1 and int(zp.reshape(-1)[0]) == 0
+
+    changed, done = 0, set()
     for q in [n for n in g.graph.node if n.op_type == "QuantizeLinear"]:
-        if g.const(q.input[0]) is not None or len(q.input) < 3 or not q.input[2]:
-            continue
-        zp = g.const(q.input[2])
-        if zp is None or zp.dtype != np.int8 or zp.size != 1 or int(zp.reshape(-1)[0]) != 0:
+        if id(q) in done or not int8_zero(q):
             continue
         # The DQs reading it, directly or through layout ops (tf2onnx writes a
-        # Reshape for a transpose of a 1x1 map); anything else keeps int8.
-        dqs, tensors, todo, ok = [], [], [q.output[0]], True
+        # Reshape for a transpose of a 1x1 map) or an int8 Concat, whose other
+        # inputs then shift with it (one dtype, one scale, one DQ after it);
+        # anything else keeps int8.
+        qs, dqs, tensors, todo, ok = [q], {}, [], [q.output[0]], True
+        scale = g.const(q.input[1])
         while todo and ok:
             name = todo.pop()
+            if name in tensors:
+                continue
             tensors.append(name)
             ok = name not in g.outputs and bool(g.consumers.get(name))
             for node, i in g.consumers.get(name, []):
                 if node.op_type == "DequantizeLinear" and i == 0:
-                    dqs.append(node)
+                    dqs[id(node)] = node
                 elif node.op_type in _LAYOUT_OPS and i == 0:
                     todo.append(node.output[0])
+                elif node.op_type == "Concat":
+                    sources = [g.producer.get(name) for name in node.input]
+                    ok = all(
+                        src is not None and src.op_type == "QuantizeLinear" and int8_zero(src)
+                        and np.array_equal(g.const(src.input[1]), scale) for src in sources
+                    )
+                    qs += [src for src in sources if ok and src not in qs]
+                    todo += [src.output[0] for src in sources if ok] + [node.output[0]]
                 else:
                     ok = False
         if not ok:
             continue
-        new_zp = g.add_init("zero_point_u8", np.full(zp.shape, 128, np.uint8))
-        for node in [q, *dqs]:
+        new_zp = g.add_init("zero_point_u8", np.full(g.const(q.input[2]).shape, 128, np.uint8))
+        for node in [*qs, *dqs.values()]:
             node.input[2] = new_zp
         for info in g.graph.value_info:  # tf2onnx records the int8 type of these tensors
             if info.name in tensors:
                 info.type.tensor_type.elem_type = 2  # TensorProto.UINT8
-        changed += 1
+        done.update(id(n) for n in qs)
+        changed += len(qs)
     _clean(g)
     return changed
 
