@@ -191,8 +191,10 @@ class MlflowLogger:
     the end (per-channel weights: the largest channel); JSON of every range and
     a PNG of the activation histograms with the chosen ranges; with
     `eval_data=(x, y)`: `fp32_accuracy` (just before the switch),
-    `quantized_accuracy` (Keras) and `onnx_accuracy` (onnxruntime); the
-    `.keras` and `.onnx` files, and an MLflow Keras model with a signature.
+    `quantized_accuracy` (Keras) and `onnx_accuracy` (onnxruntime);
+    `onnx_agreement` (argmax, file vs Keras) with tag `qat.onnx_checked_on`
+    (what the export checked itself on; `tflite_*` likewise); the `.keras`
+    and `.onnx` files, and an MLflow Keras model with a signature.
 
     Args:
         experiment: experiment name (created if missing); None: the default.
