@@ -166,27 +166,15 @@ def test_a_loaded_model_is_checked_on_synthetic_inputs_with_a_warning(loaded, tm
 # ------------------------------------------------------------------ a broken file is caught in every mode
 
 
-@pytest.mark.usefixtures("broken_onnx")
+@pytest.mark.parametrize("export, suffix", [(export_onnx, "onnx"), (export_tflite, "tflite")])
 @pytest.mark.parametrize("mode", ["validation_data", "calibration sample", "synthetic"])
-def test_a_broken_onnx_file_raises(mode, quantized, loaded, trained, tmp_path):
+def test_a_broken_file_raises(export, suffix, mode, quantized, loaded, trained, tmp_path, request):
+    request.getfixturevalue(f"broken_{suffix}")
     model = loaded if mode == "synthetic" else quantized["tflite"]
     kwargs = {"validation_data": trained[2][:200]} if mode == "validation_data" else {}
-    path = tmp_path / "broken.onnx"
+    path = tmp_path / f"broken.{suffix}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        with pytest.raises(ExportError, match=r"broken\.onnx \(kept for inspection\)"):
-            export_onnx(model, path, **kwargs)
-    assert path.stat().st_size > 0
-
-
-@pytest.mark.usefixtures("broken_tflite")
-@pytest.mark.parametrize("mode", ["validation_data", "calibration sample", "synthetic"])
-def test_a_broken_tflite_file_raises(mode, quantized, loaded, trained, tmp_path):
-    model = loaded if mode == "synthetic" else quantized["tflite"]
-    kwargs = {"validation_data": trained[2][:200]} if mode == "validation_data" else {}
-    path = tmp_path / "broken.tflite"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        with pytest.raises(ExportError, match=r"broken\.tflite \(kept for inspection\)"):
-            export_tflite(model, path, **kwargs)
+        with pytest.raises(ExportError, match=rf"broken\.{suffix} \(kept for inspection\)"):
+            export(model, path, **kwargs)
     assert path.stat().st_size > 0

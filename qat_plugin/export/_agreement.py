@@ -50,8 +50,6 @@ def compare(
 
 # ------------------------------------------------------------------ checking without validation_data
 
-# Where the inputs an export was checked on came from (`report.checked_on`).
-CHECKED_ON = ("validation_data", "calibration sample", "representative_data", "synthetic")
 SYNTHETIC_SAMPLES = 32
 # On synthetic inputs a file is judged by how far its outputs are from Keras's,
 # not by argmax: random inputs give near-tied logits, so a correct file can

@@ -440,7 +440,7 @@ def to_uint8_activations(model_proto) -> int:
                 elif node.op_type in _LAYOUT_OPS and i == 0:
                     todo.append(node.output[0])
                 elif node.op_type == "Concat":
-                    sources = [g.producer.get(name) for name in node.input]
+                    sources = [g.producer.get(source) for source in node.input]
                     ok = all(
                         src is not None and src.op_type == "QuantizeLinear" and int8_zero(src)
                         and np.array_equal(g.const(src.input[1]), scale) for src in sources
@@ -500,7 +500,7 @@ def pads_before_dequantize(model_proto) -> int:
         if len(pad.input) > 3 and pad.input[3]:  # opset 18's `axes`: not written by tf2onnx, left alone
             continue
         padded, pads = g.fresh(pad.output[0] + "_q"), pad.input[1]
-        fill = g.add_init("pad_zero_point", zp.reshape(()).astype(zp.dtype))
+        fill = g.add_init("pad_zero_point", zp.reshape(()))
         del pad.input[:]
         pad.input.extend([dq.input[0], pads, fill])
         out = pad.output[0]
