@@ -317,6 +317,10 @@ class PlacementPolicy:
             ReLU into the int8 kernel.
         reuse_output_ranges: an input that its producer's output quantizer
             already quantized is not quantized again (one Q/DQ per tensor).
+        quantize_bias: biases are rounded, during QAT, to the int32 grid
+            integer kernels add them on (input scale x weight scale), so
+            the Keras model computes what the exported file does (see
+            `QuantizeWrapper`).
         runtime: which exporter this placement is meant for:
             `"tensorrt"`, `"onnxruntime"` or `"tflite"`.
 
@@ -336,6 +340,7 @@ class PlacementPolicy:
     fold_batchnorm: bool = False
     fuse_activations: bool = False
     reuse_output_ranges: bool = False
+    quantize_bias: bool = False
     runtime: str = "tensorrt"
 
     def __post_init__(self):
@@ -368,6 +373,7 @@ ONNXRUNTIME = PlacementPolicy(
     fold_batchnorm=True,
     fuse_activations=True,
     reuse_output_ranges=True,
+    quantize_bias=True,
     runtime="onnxruntime",
 )
 # TFMOT's placement (weights and outputs, BatchNorm folded, ReLU fused) is the

@@ -136,6 +136,15 @@ class TensorQuantizer(keras.quantizers.Quantizer):
         reduce = [i for i in range(w.shape.rank) if i != axis]
         return tf.stop_gradient(tf.reduce_max(tf.abs(w), axis=reduce))
 
+    def step(self, amax):
+        """The grid's spacing for range `amax`: the scale an exported file stores.
+
+        >>> round(float(TensorQuantizer(8).step(1.27)), 6), round(float(TensorQuantizer(8, unsigned=True).step(2.55)), 6)
+        (0.01, 0.01)
+        """
+        levels = 2**self.bits - 1 if self.unsigned else qmax(self.bits)
+        return tf.maximum(tf.cast(amax, tf.float32), _TINY) / levels
+
     def quantize(self, x, amax):
         """Fake-quantize `x` with the given range(s)."""
         if self.unsigned:

@@ -24,7 +24,7 @@ from qat_plugin.config import (
 )
 from qat_plugin.errors import AlreadyQuantizedError, SpecError, UnsupportedModelError
 from qat_plugin.quantizers import TensorQuantizer
-from qat_plugin.wrappers import Absorbed, QuantizeWrapper, foldable_attr, is_relu, layer_kind, quantize_wrappers, supported_types
+from qat_plugin.wrappers import ON_GRID_LAYERS, Absorbed, QuantizeWrapper, foldable_attr, is_relu, layer_kind, quantize_wrappers, supported_types
 
 # Layers between a conv and an add that TensorRT fuses through.
 _FUSE_THROUGH = ("BatchNormalization", "Activation", "ReLU")
@@ -193,16 +193,11 @@ def _absorbed(layer, policy: PlacementPolicy, model_outputs: set[int]) -> dict:
     return found
 
 
-# Zero padding and max pooling keep a tensor on its quantization grid (a
-# padded 0 is a level, the max of levels is a level), so they need no Q/DQ of
-# their own: onnxruntime folds the padding into its integer conv's own, and
-# runs the pooling on the producer's uint8 (a second quantizer there, signed
-# where the producer's is a ReLU's unsigned one, made ResNet50's stem
-# dequantize, pad and requantize 26 M values in float per batch).
-_ON_GRID = (
-    keras.layers.ZeroPadding1D, keras.layers.ZeroPadding2D, keras.layers.ZeroPadding3D,
-    keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D,
-)
+# Zero padding and max pooling (`ON_GRID_LAYERS`) need no Q/DQ of their own:
+# onnxruntime folds the padding into its integer conv's own, and runs the
+# pooling on the producer's uint8 (a second quantizer there, signed where the
+# producer's is a ReLU's unsigned one, made ResNet50's stem dequantize, pad
+# and requantize 26 M values in float per batch).
 
 
 def _owner(tensor, owners: dict[int, object]):
@@ -212,7 +207,7 @@ def _owner(tensor, owners: dict[int, object]):
         if history is None:
             return None
         op = history.operation
-        if id(op) in owners or not isinstance(op, _ON_GRID):
+        if id(op) in owners or not isinstance(op, ON_GRID_LAYERS):
             return owners.get(id(op))
         tensor = op._inbound_nodes[history.node_index].input_tensors[0]
 
@@ -340,6 +335,8 @@ def plan_quantization(model: keras.Model, spec: QuantizationSpec, policy: Placem
         if chosen:
             slots = [TensorQuantizer(a_bits) if i in inputs else None for i in range(max(inputs) + 1)] if inputs else []
             plan[id(layer)] = dict(input_quantizers=slots, weight_quantizers=weights, output_quantizer=output, **fused)
+            if policy.quantize_bias and weights:
+                plan[id(layer)]["quantize_bias"] = True
         decisions.append(LayerDecision(layer.name, type(layer).__name__, chosen, reason))
     if not plan:
         raise SpecError(

@@ -88,9 +88,9 @@ def test_onnxruntime_export_runs_every_conv_in_an_integer_kernel(resnet, digits,
     assert report.runtime == "onnxruntime" and report.agreement >= 0.99
     assert report.ort_kernels["QLinearConv"] == 9 and report.float_compute == [], report.ort_kernels
     assert report.ort_kernels["QLinearAdd"] == 3
-    # The 1-channel input conv reads the digits widened to 4 channels by a MatMul with [1 0 0 0], which
-    # is data movement: float_compute (checked above) leaves it out.
-    assert list(report.widened_convs.values()) == ["MatMul"] and report.ort_kernels["MatMul"] == 1
+    # The 1-channel input conv reads each digit pixel with its left and right neighbours in 3 of 4
+    # channels (a MatMul with a 0/1 matrix: data movement, which float_compute above leaves out).
+    assert list(report.widened_convs.values()) == ["im2col"] and report.ort_kernels["MatMul"] == 1
     # Activations are uint8 (onnxruntime's x86 kernels take no int8 activations); weights int8, zero point 0.
     pairs = qp.qdq_pairs(report.path)
     assert {p.dtype for p in pairs if p.kind == "activation"} == {"uint8"}
@@ -314,6 +314,45 @@ def test_rgb_input_conv_is_widened_by_a_matmul(tmp_path, monkeypatch):
     np.testing.assert_array_equal(qp.run_onnx(report.path, data), qp.run_onnx(narrow.path, data))
 
 
+@pytest.mark.parametrize(
+    "shape, kernel, strides, kernel_after",
+    [((12, 12, 1), 3, 1, [3, 1]), ((49, 10, 1), (10, 4), 2, [10, 1]), ((9, 9, 1), (3, 2), (1, 2), [3, 1])],
+    ids=["digits-3x3", "keyword-spotting-10x4-stride-2", "3x2-stride-1x2"],
+)
+def test_one_channel_image_conv_takes_its_kernel_width_in_channels(tmp_path, monkeypatch, shape, kernel, strides, kernel_after):
+    # A conv on a 1-channel image (digits; MLPerf Tiny's keyword spotting reads 49x10 spectrograms with a
+    # 10x4 stride-2 kernel) reads each pixel's horizontal neighbours as channels: a 1-wide kernel.
+    keras.utils.set_random_seed(7)
+    inp = keras.Input(shape)
+    x = L.Conv2D(16, kernel, strides=strides, padding="same", activation="relu", name="stem")(inp)
+    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
+    data = np.random.default_rng(0).random((48, *shape), dtype=np.float32)
+    data[:, : shape[0] // 3] = 0.0  # a blank band, as around a digit
+    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data)
+    report = qp.export_onnx(qmodel, tmp_path / "stacked.onnx", validation_data=data)
+    assert list(report.widened_convs.values()) == ["im2col"] and report.float_compute == [], report
+    conv = next(n for n in onnx.load(report.path).graph.node if n.op_type == "Conv")
+    assert list(onnx.helper.get_attribute_value(next(a for a in conv.attribute if a.name == "kernel_shape"))) == kernel_after
+    assert report.ort_kernels["QLinearConv"] == 1 and report.ort_kernels["MatMul"] == 1, report.ort_kernels
+    # Exact: without the rewrite the file computes the very same numbers in onnxruntime.
+    import qat_plugin.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "widen_narrow_convs", lambda proto: {})
+    narrow = qp.export_onnx(qmodel, tmp_path / "narrow.onnx", validation_data=data)
+    np.testing.assert_array_equal(qp.run_onnx(report.path, data), qp.run_onnx(narrow.path, data))
+
+
+def test_wide_one_channel_image_keeps_zero_channels(tmp_path):
+    # At 96 pixels wide the 0/1 matrix would cost more than the conv it saves: zero channels instead.
+    inp = keras.Input((96, 96, 1))
+    x = L.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="stem")(inp)
+    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
+    data = np.random.default_rng(0).random((8, 96, 96, 1), dtype=np.float32)
+    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data)
+    report = qp.export_onnx(qmodel, tmp_path / "wide.onnx", validation_data=data)
+    assert list(report.widened_convs.values()) == ["MatMul"] and report.float_compute == [], report
+
+
 @pytest.mark.parametrize("channels_in", [1, 3])
 def test_one_channel_convs_are_widened_exactly(channels_in):
     """A 1-channel integer conv inside the graph gets 3 zero-weight channels by a Pad of its quantized input;
@@ -381,3 +420,64 @@ def test_concat_of_signed_branches_runs_in_integer_kernels(tmp_path):
     assert {p.dtype for p in qp.qdq_pairs(report.path) if p.kind == "activation"} == {"uint8"}
     assert report.agreement >= 0.99
     np.testing.assert_allclose(qp.run_onnx(report.path, data), qmodel.predict(data, verbose=0), atol=0.05)
+
+
+def _blank_image_codes(qmodel, path):
+    """The quantized outputs of Keras and of the exported file on a blank image, in output steps."""
+    blank = np.zeros((2, *qmodel.input_shape[1:]), "float32")
+    wrapper = qmodel.get_layer("conv")
+    step = float(wrapper.output_quantizer.step(wrapper.output_amax))
+    report = qp.export_onnx(qmodel, path, validation_data=blank, min_agreement=0.0)
+    return np.round(np.asarray(qmodel(blank)) / step), np.round(qp.run_onnx(report.path, blank) / step)
+
+
+def test_bias_is_rounded_to_the_integer_kernels_grid(tmp_path):
+    # onnxruntime's QLinearConv adds the bias in int32 steps of (input step x weight step). On a blank image a
+    # conv's output is its bias, so a float bias just past a rounding boundary of the output grid gives one
+    # level more in Keras than in the file, on the whole channel (MobileNetV2's first conv on digits: 2% of
+    # its outputs). The onnxruntime policy rounds the bias the same way during QAT: the codes are equal.
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((6, 6, 1))
+    model = keras.Model(inp, L.ReLU(name="relu")(L.Conv2D(32, 3, padding="same", name="conv")(inp)))
+    data = np.random.default_rng(0).random((32, 6, 6, 1), dtype=np.float32)
+    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data)
+    wrapper = qmodel.get_layer("conv")
+    assert wrapper.quantize_bias
+    (attr, wq), = wrapper.weight_quantizers.items()
+    x_step = wrapper.input_quantizers[0].step(wrapper.input_amax[0])
+    bias_step = np.asarray(x_step * wq.step(wq.compute_amax(wrapper.weight_value(attr))))
+    y_step = float(wrapper.output_quantizer.step(wrapper.output_amax))
+    levels = 5 + np.arange(32) % 7
+    wrapper.layer.bias.assign(((levels + 0.5) * y_step + 0.3 * bias_step).astype("float32"))
+
+    keras_codes, onnx_codes = _blank_image_codes(qmodel, tmp_path / "rounded.onnx")
+    np.testing.assert_array_equal(keras_codes, onnx_codes)
+    assert set(np.unique(keras_codes[0, 0, 0])) <= set(levels) | set(levels + 1)
+    # Without the rounding, Keras's float bias lands on the other side of the boundary on some channels.
+    wrapper.quantize_bias = False
+    keras_codes, onnx_codes = _blank_image_codes(qmodel, tmp_path / "float_bias.onnx")
+    assert (keras_codes != onnx_codes).any()
+
+
+def test_bias_grid_of_a_conv_reading_another_conv_through_padding_and_pooling(tmp_path, digits):
+    # The second conv has no input quantizer (its input is the first's uint8 output, padded and max-pooled):
+    # its bias's input step is the first conv's output step, and the setting survives a .keras round trip.
+    inp = keras.Input((8, 8, 1))
+    x = L.ReLU(name="r1")(L.Conv2D(8, 3, padding="same", name="c1")(inp))
+    x = L.MaxPooling2D(name="pool")(L.ZeroPadding2D(name="pad")(x))
+    x = L.Conv2D(8, 3, padding="same", name="c2")(x)
+    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
+    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=digits[0][:64])
+    c1, c2 = qmodel.get_layer("c1"), qmodel.get_layer("c2")
+    assert not any(c2.input_quantizers) and c2.quantize_bias
+    quantizer, amax = c2._input_grid()
+    assert quantizer is c1.output_quantizer and amax is c1.output_amax and quantizer.unsigned
+    assert not qp.quantize_model(model, policy="tensorrt", calibration_data=digits[0][:64]).get_layer("c2").quantize_bias
+    path = tmp_path / "q.keras"
+    qmodel.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert loaded.get_layer("c2").quantize_bias
+    x = digits[2][:16]
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
+    report = qp.export_onnx(qmodel, tmp_path / "q.onnx", validation_data=x)
+    assert report.agreement == 1.0 and report.float_compute == []
