@@ -88,9 +88,9 @@ def test_onnxruntime_export_runs_every_conv_in_an_integer_kernel(resnet, digits,
     assert report.runtime == "onnxruntime" and report.agreement >= 0.99
     assert report.ort_kernels["QLinearConv"] == 9 and report.float_compute == [], report.ort_kernels
     assert report.ort_kernels["QLinearAdd"] == 3
-    # The 1-channel input conv reads each digit pixel with its left and right neighbours in 3 of 4
-    # channels (a MatMul with a 0/1 matrix: data movement, which float_compute above leaves out).
-    assert list(report.widened_convs.values()) == ["im2col"] and report.ort_kernels["MatMul"] == 1
+    # The 1-channel input conv reads the digits widened to 4 channels by a MatMul with [1 0 0 0], which
+    # is data movement: float_compute (checked above) leaves it out.
+    assert list(report.widened_convs.values()) == ["MatMul"] and report.ort_kernels["MatMul"] == 1
     # Activations are uint8 (onnxruntime's x86 kernels take no int8 activations); weights int8, zero point 0.
     pairs = qp.qdq_pairs(report.path)
     assert {p.dtype for p in pairs if p.kind == "activation"} == {"uint8"}
@@ -312,45 +312,6 @@ def test_rgb_input_conv_is_widened_by_a_matmul(tmp_path, monkeypatch):
     narrow = qp.export_onnx(qmodel, tmp_path / "narrow.onnx", validation_data=data)
     assert narrow.widened_convs == {} and "MatMul" not in narrow.ort_kernels
     np.testing.assert_array_equal(qp.run_onnx(report.path, data), qp.run_onnx(narrow.path, data))
-
-
-@pytest.mark.parametrize(
-    "shape, kernel, strides, kernel_after",
-    [((12, 12, 1), 3, 1, [3, 1]), ((49, 10, 1), (10, 4), 2, [10, 1]), ((9, 9, 1), (3, 2), (1, 2), [3, 1])],
-    ids=["digits-3x3", "keyword-spotting-10x4-stride-2", "3x2-stride-1x2"],
-)
-def test_one_channel_image_conv_takes_its_kernel_width_in_channels(tmp_path, monkeypatch, shape, kernel, strides, kernel_after):
-    # A conv on a 1-channel image (digits; MLPerf Tiny's keyword spotting reads 49x10 spectrograms with a
-    # 10x4 stride-2 kernel) reads each pixel's horizontal neighbours as channels: a 1-wide kernel.
-    keras.utils.set_random_seed(7)
-    inp = keras.Input(shape)
-    x = L.Conv2D(16, kernel, strides=strides, padding="same", activation="relu", name="stem")(inp)
-    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
-    data = np.random.default_rng(0).random((48, *shape), dtype=np.float32)
-    data[:, : shape[0] // 3] = 0.0  # a blank band, as around a digit
-    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data)
-    report = qp.export_onnx(qmodel, tmp_path / "stacked.onnx", validation_data=data)
-    assert list(report.widened_convs.values()) == ["im2col"] and report.float_compute == [], report
-    conv = next(n for n in onnx.load(report.path).graph.node if n.op_type == "Conv")
-    assert list(onnx.helper.get_attribute_value(next(a for a in conv.attribute if a.name == "kernel_shape"))) == kernel_after
-    assert report.ort_kernels["QLinearConv"] == 1 and report.ort_kernels["MatMul"] == 1, report.ort_kernels
-    # Exact: without the rewrite the file computes the very same numbers in onnxruntime.
-    import qat_plugin.export.onnx as onnx_export
-
-    monkeypatch.setattr(onnx_export, "widen_narrow_convs", lambda proto: {})
-    narrow = qp.export_onnx(qmodel, tmp_path / "narrow.onnx", validation_data=data)
-    np.testing.assert_array_equal(qp.run_onnx(report.path, data), qp.run_onnx(narrow.path, data))
-
-
-def test_wide_one_channel_image_keeps_zero_channels(tmp_path):
-    # At 96 pixels wide the 0/1 matrix would cost more than the conv it saves: zero channels instead.
-    inp = keras.Input((96, 96, 1))
-    x = L.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="stem")(inp)
-    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
-    data = np.random.default_rng(0).random((8, 96, 96, 1), dtype=np.float32)
-    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data)
-    report = qp.export_onnx(qmodel, tmp_path / "wide.onnx", validation_data=data)
-    assert list(report.widened_convs.values()) == ["MatMul"] and report.float_compute == [], report
 
 
 @pytest.mark.parametrize("channels_in", [1, 3])

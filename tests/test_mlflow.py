@@ -166,6 +166,14 @@ def test_a_dead_server_costs_one_warning_and_nothing_is_lost(digits, tmp_path):
     server = Server(tmp_path).start()
     logger = MlflowLogger(run_name="dies", tracking_uri=server.uri, artifact_dir=str(tmp_path / "art"),
                           export_onnx=False, log_model=False, flush_timeout=20)
+    waits, on_train_end = [], logger.on_train_end
+
+    def timed_end(cb, logs):
+        t = time.time()
+        on_train_end(cb, logs)
+        waits.append(time.time() - t)
+
+    logger.on_train_end = timed_end
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -174,7 +182,11 @@ def test_a_dead_server_costs_one_warning_and_nothing_is_lost(digits, tmp_path):
             elapsed = time.time() - start
         ours = [w for w in caught if "MLflow" in str(w.message)]
         assert len(ours) == 1 and "replay(" in str(ours[0].message), [str(w.message) for w in caught]
-        assert elapsed < 2 * baseline + 60, (elapsed, baseline)  # flush_timeout=20 plus slack
+        # The end of training (an evaluation, a .keras file) waits for MLflow at most flush_timeout (20 s), and
+        # the epochs never wait for it (MLflow's own retries take minutes). The bounds are loose because the
+        # other test worker shares the two cores.
+        assert len(waits) == 1 and waits[0] < 20 + 20, waits
+        assert elapsed - sum(waits) < 4 * baseline + 60, (elapsed, waits, baseline)
         journal = next((tmp_path / "art").glob(f"*/{JOURNAL}"))
         assert journal.exists()
         server.start()  # the server comes back; send what it missed

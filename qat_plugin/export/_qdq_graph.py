@@ -540,93 +540,33 @@ def _image_route(g: _Graph, x_dq, channels: int, rank: int):
     return (source.name, q) if ok else None
 
 
-def _conv_geometry(conv, kernel: tuple[int, ...]):
-    """`(strides, dilations, pads)` of an ONNX Conv with explicit padding; None for `auto_pad`."""
-    if _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        return None
-    d = len(kernel)
-    strides = list(_attr(conv, "strides", [1] * d))
-    dilations = list(_attr(conv, "dilations", [1] * d))
-    pads = list(_attr(conv, "pads", [0] * 2 * d))
-    return strides, dilations, pads
-
-
-def _column_stack(w: np.ndarray, conv, spatial: list[int], channels: int):
-    """The matrix and kernel that fold a conv's last kernel axis into its channels, or None where it doesn't pay.
-
-    For a conv on the model input with `C * kw <= channels`: output column
-    `j` of the new input holds, in channel `kx * C + c`, input column
-    `j * stride - pad + kx` of channel `c` (0 outside the image): a partial
-    im2col, made by one MatMul with a 0/1 matrix on the input's last two
-    axes. The conv then has kernel width 1 and does `kw` times less work.
-    Taken only when that MatMul does less work per sample than the conv.
-    """
-    c, kernel = w.shape[1], tuple(w.shape[2:])
-    geometry = _conv_geometry(conv, kernel)
-    if geometry is None or c * kernel[-1] > channels or kernel[-1] == 1:
-        return None
-    strides, dilations, pads = geometry
-    if dilations[-1] != 1:
-        return None
-    d = len(kernel)
-    out = [
-        (size + pads[i] + pads[d + i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
-        for i, size in enumerate(spatial)
-    ]
-    width, out_width, kw, stride, pad = spatial[-1], out[-1], kernel[-1], strides[-1], pads[d - 1]
-    matmul_work = int(np.prod(spatial)) * c * out_width * channels
-    conv_work = int(np.prod(out)) * w.shape[0] * channels * int(np.prod(kernel[:-1]))
-    if min(out) < 1 or matmul_work > conv_work:
-        return None
-    stack = np.zeros((width * c, out_width * channels), np.float32)
-    for j in range(out_width):
-        for kx in range(kw):
-            col = j * stride - pad + kx
-            if 0 <= col < width:
-                for ch in range(c):
-                    stack[col * c + ch, j * channels + kx * c + ch] = 1.0
-    # (O, C, ..., kw) -> (O, kw * C, ..., 1), channel kx * C + c; zeros up to `channels`
-    folded = np.moveaxis(w, -1, 1).reshape(w.shape[0], kw * c, *kernel[:-1])
-    wide = np.zeros((w.shape[0], channels, *kernel[:-1], 1), np.int8)
-    wide[:, : kw * c, ..., 0] = folded
-    strides[-1], pads[d - 1], pads[2 * d - 1] = 1, 0, 0
-    return stack, wide, {"kernel_shape": [*kernel[:-1], 1], "strides": strides, "pads": pads}
-
-
 def widen_narrow_convs(model_proto, channels: int = 4) -> dict[str, str]:
-    """Give integer Convs with fewer than `channels` input channels more of them: exact.
+    """Give integer Convs with fewer than `channels` input channels zero-weight extra ones: exact.
 
     onnxruntime's x86 integer convs work on 4 input channels at a time and
     take a slow path below that, which is where an image meets the network:
     ResNet-8's conv1 on 28x28x1 digits ran 0.64 ms at batch 32, 0.21 ms with
     4 channels; MobileNetV2's 3-channel conv1 at 224x224 0.28 ms at batch 1,
-    0.13 ms. Three ways, each exact in float and in the integer kernels:
+    0.13 ms. The weights `(O, C, ...)` get `channels - C` channels of zeros,
+    and the input gets as many channels that meet them:
 
-    - `"im2col"`: when the conv reads the (float, channels-last) model input
-      through tf2onnx's layout op and the input's QuantizeLinear, and its
-      kernel width times its channels fits in `channels` (a 3-wide kernel on
-      a 1-channel image): a MatMul with a 0/1 matrix on the input's last two
-      axes puts each pixel's horizontal neighbours in its channels, and the
-      conv's kernel becomes 1 wide. ResNet-8's conv1 then does a third of
-      the multiply-adds. Only where that MatMul costs less than the conv;
-    - `"MatMul"`: else, for the model input, the weights `(O, C, ...)` get
-      `channels - C` channels of zeros, and the input as many, by a MatMul
-      with `[I | 0]` on its last axis (one product by 1 and zeros added). A
-      Pad would do the same but onnxruntime pads the innermost axis element
-      by element: 0.45 ms at MobileNetV2's input, more than the conv saves;
-      the MatMul costs 0.06 ms;
-    - `"Pad"`: else, for a 1-channel tensor, zero-weight channels and a Pad
-      of its quantized values with the zero point (which dequantizes to 0)
-      on the channel axis.
+    - when the conv reads the (float, channels-last) model input, through
+      tf2onnx's layout op and the input's QuantizeLinear, by a MatMul with
+      `[I | 0]` on the input's last axis (exact in float: one product by 1
+      and zeros added). A Pad would do the same but onnxruntime pads the
+      innermost axis element by element: 0.45 ms at MobileNetV2's input,
+      more than the conv saves; the MatMul costs 0.06 ms;
+    - else, for a 1-channel tensor, by a Pad of its quantized values with
+      the zero point (which dequantizes to 0) on the channel axis.
 
     Returns:
-        `{conv node name: "im2col", "MatMul" or "Pad"}`, how each widened
-        Conv got its input channels.
+        `{conv node name: "MatMul" or "Pad"}`, how each widened Conv got its
+        extra input channels.
 
     Example:
 
     >>> widen_narrow_convs(onnx.load("model.onnx"))  # doctest: +SKIP
-    {'model_1/conv1_1/convolution': 'im2col'}
+    {'model_1/conv1_1/convolution': 'MatMul'}
     """
     from onnx import helper
 
@@ -644,55 +584,30 @@ def widen_narrow_convs(model_proto, channels: int = 4) -> dict[str, str]:
             continue
         if x_scale is None or x_zp is None or x_scale.size != 1 or (w_scale.size > 1 and _attr(w_dq, "axis", 1) != 0):
             continue
-        c, rank = w.shape[1], w.ndim
-        route = _image_route(g, x_dq, c, rank)
+        c = w.shape[1]
+        route = _image_route(g, x_dq, c, w.ndim)
         if route is None and c != 1:
             continue
-        names = {part: g.fresh(f"{conv.name}_{part}") for part in (
-            "rows", "wide_input", "wide_nhwc", "wide_nchw", "x_wide_q", "x_wide", "w_wide")}
-        perm = [0, rank - 1, *range(1, rank - 1)]  # channels-last -> channels-first
-        stacked = None
+        names = {part: g.fresh(f"{conv.name}_{part}") for part in ("wide_input", "wide_nchw", "x_wide_q", "x_wide", "w_wide")}
         if route is not None:
             source, q = route
-            dims = [d.dim_value for d in next(i for i in g.graph.input if i.name == source).type.tensor_type.shape.dim]
-            stacked = _column_stack(w, conv, dims[1:-1], channels)
-        if stacked is not None:
-            stack, wide, geometry = stacked
-            keep = [0] * (rank - 2)  # Reshape's 0 copies the dimension: batch and all but the last spatial axis
-            g.graph.node.extend([
-                helper.make_node("Reshape", [source, g.add_init("rows_shape", np.array([*keep, -1], np.int64))],
-                                 [names["rows"]], name=names["rows"]),
-                helper.make_node("MatMul", [names["rows"], g.add_init("im2col_columns", stack)], [names["wide_input"]],
-                                 name=names["wide_input"]),
-                helper.make_node("Reshape", [names["wide_input"], g.add_init(
-                    "columns_shape", np.array([*keep, stack.shape[1] // channels, channels], np.int64))],
-                    [names["wide_nhwc"]], name=names["wide_nhwc"]),
-                helper.make_node("Transpose", [names["wide_nhwc"]], [names["wide_nchw"]], name=names["wide_nchw"], perm=perm),
-                helper.make_node("QuantizeLinear", [names["wide_nchw"], *q.input[1:]], [names["x_wide_q"]], name=names["x_wide_q"]),
-            ])
-            for a in conv.attribute:
-                if a.name in geometry:
-                    a.CopyFrom(helper.make_attribute(a.name, geometry[a.name]))
-            for name in set(geometry) - {a.name for a in conv.attribute}:
-                conv.attribute.append(helper.make_attribute(name, geometry[name]))
-        elif route is not None:
             eye = np.zeros((c, channels), np.float32)
             eye[:, :c] = np.eye(c, dtype=np.float32)
+            perm = [0, w.ndim - 1, *range(1, w.ndim - 1)]  # channels-last -> channels-first
             g.graph.node.extend([
                 helper.make_node("MatMul", [source, g.add_init("widen_eye", eye)], [names["wide_input"]], name=names["wide_input"]),
                 helper.make_node("Transpose", [names["wide_input"]], [names["wide_nchw"]], name=names["wide_nchw"], perm=perm),
                 helper.make_node("QuantizeLinear", [names["wide_nchw"], *q.input[1:]], [names["x_wide_q"]], name=names["x_wide_q"]),
             ])
         else:
-            pads = np.zeros(2 * rank, np.int64)
-            pads[rank + 1] = channels - 1  # the end of the channel axis (NCHW)
+            pads = np.zeros(2 * w.ndim, np.int64)
+            pads[w.ndim + 1] = channels - 1  # the end of the channel axis (NCHW)
             fill = g.add_init("pad_zero_point", x_zp.reshape(()))
             g.graph.node.append(helper.make_node(
                 "Pad", [x_dq.input[0], g.add_init("channel_pads", pads), fill], [names["x_wide_q"]], name=names["x_wide_q"]
             ))
-        if stacked is None:
-            wide = np.zeros((w.shape[0], channels, *w.shape[2:]), np.int8)
-            wide[:, :c] = w
+        wide = np.zeros((w.shape[0], channels, *w.shape[2:]), np.int8)
+        wide[:, :c] = w
         g.graph.node.extend([
             helper.make_node("DequantizeLinear", [names["x_wide_q"], *x_dq.input[1:]], [names["x_wide"]], name=names["x_wide"]),
             helper.make_node(
@@ -702,7 +617,7 @@ def widen_narrow_convs(model_proto, channels: int = 4) -> dict[str, str]:
         ])
         conv.input[0], conv.input[1] = names["x_wide"], names["w_wide"]
         g.reindex()
-        widened[conv.name] = "im2col" if stacked is not None else "Pad" if route is None else "MatMul"
+        widened[conv.name] = "Pad" if route is None else "MatMul"
     if widened:
         _clean(g)
     return widened

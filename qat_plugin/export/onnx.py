@@ -86,11 +86,9 @@ class OnnxExportReport:
         tensorrt: for `runtime="tensorrt"`, the `check_tensorrt` result
             (export raises if it found a problem).
         widened_convs: for `runtime="onnxruntime"`, the Convs with fewer than
-            4 input channels that got more (onnxruntime's integer convs are
-            slow below 4), and how: `"im2col"` (a float MatMul on the model
-            input puts each pixel's horizontal neighbours in its channels, so
-            the kernel is 1 wide), `"MatMul"` (a float `[I | 0]` on the model
-            input: zero-weight channels) or `"Pad"` (of the quantized tensor).
+            4 input channels that got zero-weight extra ones (onnxruntime's
+            integer convs are slow below 4), and how: `"MatMul"` (a float
+            `[I | 0]` on the model input) or `"Pad"` (of the quantized tensor).
         checked_on: where the inputs the file was checked on came from:
             `"validation_data"`; `"calibration sample"` (the first 64 inputs
             `calibrate` saw, kept with the model in this process);
@@ -128,7 +126,7 @@ class OnnxExportReport:
         if not self.ort_kernels:
             return []
         # The MatMuls that only widen an image input (`widened_convs`) are data movement, not compute.
-        widening = sum(how in ("im2col", "MatMul") for how in self.widened_convs.values())
+        widening = sum(how == "MatMul" for how in self.widened_convs.values())
         counts = {**self.ort_kernels, "MatMul": self.ort_kernels.get("MatMul", 0) - widening}
         return [op for op in ("Conv", "MatMul", "Gemm", "Add") if counts.get(op, 0) > 0]
 
