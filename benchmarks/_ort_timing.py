@@ -99,7 +99,8 @@ def interleaved_latency(
 ) -> dict[str, Timing]:
     """Time every session on the same input, round-robin, so load drift on a shared machine hits all alike.
 
-    Each session is warmed up twice; then each round runs every session once
+    Each session is warmed up with four calls (the last three estimate its
+    latency); then each round runs every session once
     (the starting session rotates from round to round), each for enough
     back-to-back calls to take about `min_round_s`. The number of rounds is
     `repeats`, cut so the whole cell takes about `budget_s` but never below
@@ -117,9 +118,12 @@ def interleaved_latency(
     single = {}
     for k, s in sessions.items():
         s.run(None, feeds[k])
-        start = time.perf_counter()
-        s.run(None, feeds[k])
-        single[k] = time.perf_counter() - start
+        times = []
+        for _ in range(3):  # one slow early call would leave a file with fewer calls per block than the others
+            start = time.perf_counter()
+            s.run(None, feeds[k])
+            times.append(time.perf_counter() - start)
+        single[k] = statistics.median(times)
     calls = {k: max(1, math.ceil(min_round_s / max(t, 1e-6))) for k, t in single.items()}
     per_round = sum((calls[k] + 1) * single[k] + park_s for k in sessions)
     rounds = max(min_repeats, min(repeats, int(budget_s / max(per_round, 1e-9))))

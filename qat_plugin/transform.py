@@ -24,7 +24,7 @@ from qat_plugin.config import (
 )
 from qat_plugin.errors import AlreadyQuantizedError, SpecError, UnsupportedModelError
 from qat_plugin.quantizers import TensorQuantizer
-from qat_plugin.wrappers import ON_GRID_LAYERS, Absorbed, QuantizeWrapper, foldable_attr, is_relu, layer_kind, quantize_wrappers, supported_types
+from qat_plugin.wrappers import ON_GRID_LAYERS, SEPARABLE_CONVS, Absorbed, QuantizeWrapper, foldable_attr, is_relu, layer_kind, quantize_wrappers, supported_types
 
 # Layers between a conv and an add that TensorRT fuses through.
 _FUSE_THROUGH = ("BatchNormalization", "Activation", "ReLU")
@@ -337,6 +337,9 @@ def plan_quantization(model: keras.Model, spec: QuantizationSpec, policy: Placem
             plan[id(layer)] = dict(input_quantizers=slots, weight_quantizers=weights, output_quantizer=output, **fused)
             if policy.quantize_bias and weights:
                 plan[id(layer)]["quantize_bias"] = True
+            if policy.quantize_outputs and weights and isinstance(layer, SEPARABLE_CONVS):
+                # Integer runtimes run the two halves as two convs: the tensor between them needs a grid too.
+                plan[id(layer)]["intermediate_quantizer"] = TensorQuantizer(a_bits)
         decisions.append(LayerDecision(layer.name, type(layer).__name__, chosen, reason))
     if not plan:
         raise SpecError(

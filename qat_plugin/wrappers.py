@@ -23,6 +23,7 @@ ON_GRID_LAYERS = (
     keras.layers.ZeroPadding1D, keras.layers.ZeroPadding2D, keras.layers.ZeroPadding3D,
     keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D,
 )
+SEPARABLE_CONVS = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
 # Moving-average factor for activation ranges while `track_ranges` is on.
 RANGE_MOMENTUM = 0.99
 
@@ -160,6 +161,10 @@ class QuantizeWrapper(keras.layers.Wrapper):
         output_quantizer: a `TensorQuantizer` for the output, or `None`.
         batchnorm: a `BatchNormalization` (last axis) to fold, or `None`.
         activation: an activation layer to run before the output quantizer.
+        intermediate_quantizer: for a separable conv, a `TensorQuantizer`
+            between its depthwise and pointwise halves (the wrapper then
+            runs them as two convs), so integer runtimes run both in
+            integer kernels; `None` runs the layer's own fused op.
         quantize_bias: round the (folded) bias to the grid an integer
             kernel adds it on: steps of input scale x weight scale, per
             channel (int32 in onnxruntime's QLinearConv and TFLite). The
@@ -189,6 +194,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         output_quantizer: TensorQuantizer | None = None,
         batchnorm: keras.layers.BatchNormalization | None = None,
         activation: keras.layers.Layer | None = None,
+        intermediate_quantizer: TensorQuantizer | None = None,
         quantize_bias: bool = False,
         **kwargs,
     ):
@@ -200,6 +206,11 @@ class QuantizeWrapper(keras.layers.Wrapper):
         self.input_quantizers = [self._quantizer(q) for q in input_quantizers]
         self.weight_quantizers = {k: self._quantizer(q) for k, q in (weight_quantizers or {}).items()}
         self.output_quantizer = self._quantizer(output_quantizer)
+        self.intermediate_quantizer = self._quantizer(intermediate_quantizer)
+        if self.intermediate_quantizer is not None and not isinstance(layer, SEPARABLE_CONVS):
+            raise ValueError(
+                f"`intermediate_quantizer` is for separable convs; {layer.name!r} is a {type(layer).__name__}."
+            )
         if not (any(self.input_quantizers) or self.weight_quantizers or self.output_quantizer):
             raise ValueError(f"QuantizeWrapper around {layer.name!r} has no quantizer: pass at least one.")
         if getattr(layer, "lora_enabled", False):
@@ -255,6 +266,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
             if self.output_quantizer is None
             else self._add_amax("output_amax")
         )
+        self.intermediate_amax = None if self.intermediate_quantizer is None else self._add_amax("intermediate_amax")
         self.built = True
 
     def _add_amax(self, name: str):
@@ -322,7 +334,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         try:
             for attr, value in swaps.items():
                 object.__setattr__(self.layer, attr, value)
-            y = self.layer.call(x, **kwargs)
+            y = self.layer.call(x, **kwargs) if self.intermediate_quantizer is None else self._separable_call(x, training)
         finally:
             for attr, var in originals.items():
                 object.__setattr__(self.layer, attr, var)
@@ -337,6 +349,23 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
+
+    def _separable_call(self, x, training):
+        """The separable conv as a depthwise conv, the intermediate quantizer, and a 1x1 conv (what its op computes)."""
+        layer = self.layer
+        y = ops.depthwise_conv(
+            x, layer.depthwise_kernel, strides=layer.strides, padding=layer.padding,
+            dilation_rate=layer.dilation_rate, data_format=layer.data_format,
+        )
+        if self._calibration_hook is not None:
+            self._calibration_hook(self, ("intermediate", 0), y)
+        else:
+            y = self._fake_quant(self.intermediate_quantizer, self.intermediate_amax, y, training)
+        y = ops.conv(y, layer.pointwise_kernel, strides=1, padding="valid", data_format=layer.data_format)
+        if layer.use_bias:
+            shape = (1,) * (layer.rank + 1) + (layer.filters,) if layer.data_format == "channels_last" else (1, layer.filters) + (1,) * layer.rank
+            y = ops.add(y, ops.reshape(layer.bias, shape))
+        return y if layer.activation is None else layer.activation(y)
 
     def _input_grid(self):
         """`(quantizer, amax)` of the grid the first input is on, or None where it isn't on one."""
@@ -356,10 +385,15 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     def _bias_step(self, bias):
         """Input step x weight step, in the bias's shape; None where the product isn't the bias's grid."""
-        grid = self._input_grid()
-        if grid is None or len(self.weight_quantizers) != 1:
-            return None  # a separable conv's bias follows its unquantized depthwise output
-        (attr, wq), = self.weight_quantizers.items()
+        if self.intermediate_quantizer is not None:  # the pointwise half adds the bias
+            grid, attr = (self.intermediate_quantizer, self.intermediate_amax), "pointwise_kernel"
+        elif len(self.weight_quantizers) == 1:
+            grid, attr = self._input_grid(), next(iter(self.weight_quantizers))
+        else:
+            return None  # a separable conv run whole: its bias follows an unquantized depthwise output
+        wq = self.weight_quantizers.get(attr)
+        if grid is None or wq is None:
+            return None
         w_step = wq.step(wq.compute_amax(self.weight_value(attr)))
         n = int(np.prod(bias.shape))
         if wq.per_channel and w_step.shape[0] != n:
@@ -399,9 +433,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
     def quantizer_ranges(self) -> list[dict]:
         """Every quantizer of this layer with its current range (numpy).
 
-        Each entry: `label` (`input`, `input_1`, `weight`, `weight_<attr>`,
-        `output`), `slot` (`("input", i)`, `("weight", attr)` or
-        `("output", 0)`), `quantizer`, and `amax`.
+        Each entry: `label` (`input`, `input_1`, `weight`, `weight_<attr>`, `intermediate`,
+        `output`), `slot` (`("input", i)`, `("weight", attr)`,
+        `("intermediate", 0)` or `("output", 0)`), `quantizer`, and `amax`.
         """
         rows = []
         n_inputs = sum(q is not None for q in self.input_quantizers)
@@ -412,6 +446,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         for attr, q in self.weight_quantizers.items():
             amax = np.asarray(q.compute_amax(self.weight_value(attr)))
             rows.append(dict(label=_weight_label(attr, len(self.weight_quantizers)), slot=("weight", attr), quantizer=q, amax=amax))
+        if self.intermediate_quantizer is not None:
+            rows.append(dict(label="intermediate", slot=("intermediate", 0), quantizer=self.intermediate_quantizer,
+                             amax=np.asarray(self.intermediate_amax)))
         if self.output_quantizer is not None:
             rows.append(dict(label="output", slot=("output", 0), quantizer=self.output_quantizer, amax=np.asarray(self.output_amax)))
         return rows
@@ -423,6 +460,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
             return self.input_amax[index]
         if kind == "output":
             return self.output_amax
+        if kind == "intermediate":
+            return self.intermediate_amax
         raise ValueError(f"Weight ranges are computed from the kernel and have no variable. Received slot={slot!r}")
 
     def get_config(self):
@@ -433,6 +472,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
             output_quantizer=None if self.output_quantizer is None else keras.saving.serialize_keras_object(self.output_quantizer),
             batchnorm=None if self.batchnorm is None else keras.saving.serialize_keras_object(self.batchnorm),
             activation=None if self.activation is None else keras.saving.serialize_keras_object(self.activation),
+            intermediate_quantizer=(
+                None if self.intermediate_quantizer is None else keras.saving.serialize_keras_object(self.intermediate_quantizer)
+            ),
             quantize_bias=self.quantize_bias,
         )
         return config

@@ -442,3 +442,41 @@ def test_bias_grid_of_a_conv_reading_another_conv_through_padding_and_pooling(tm
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
     report = qp.export_onnx(qmodel, tmp_path / "q.onnx", validation_data=x)
     assert report.agreement == 1.0 and report.float_compute == []
+
+
+def test_separable_convs_run_as_two_integer_convs(tmp_path):
+    # Xception's and NASNet's SeparableConv2D is one op in Keras but two convs in ONNX: without a quantizer
+    # between its depthwise and pointwise halves, onnxruntime ran both in float.
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((12, 12, 3))
+    x = L.ReLU(name="r0")(L.BatchNormalization(name="bn0")(L.Conv2D(16, 3, name="c0")(inp)))
+    x = L.SeparableConv2D(32, 3, padding="same", use_bias=False, name="sep1")(x)
+    x = L.ReLU(name="r1")(L.BatchNormalization(name="bn1")(x))
+    x = L.SeparableConv2D(32, 3, strides=2, padding="same", dilation_rate=1, name="sep2")(x)
+    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
+    data = np.random.default_rng(1).random((64, 12, 12, 3), dtype=np.float32)
+    model(data, training=True)  # BatchNorm statistics that are not the identity
+    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data)
+    sep1 = qmodel.get_layer("sep1")
+    assert [r["label"] for r in sep1.quantizer_ranges()] == [
+        "weight_depthwise_kernel", "weight_pointwise_kernel", "intermediate", "output"]
+    assert float(sep1.intermediate_amax) > 0  # calibrated like any other range
+    # With the quantizers off (as while calibrating), the split layer computes what the fused op does.
+    for w in quantize_wrappers(qmodel):
+        w._calibration_hook = lambda *args: None
+    y = keras.Model(qmodel.inputs, sep1.output)(data)
+    for w in quantize_wrappers(qmodel):
+        w._calibration_hook = None
+    reference = keras.Model(model.inputs, model.get_layer("r1").output)(data)
+    np.testing.assert_allclose(y, reference, atol=1e-4)
+
+    report = qp.export_onnx(qmodel, tmp_path / "sep.onnx", validation_data=data)
+    assert report.float_compute == [] and report.ort_kernels["QLinearConv"] == 5, report.ort_kernels
+    assert report.agreement == 1.0
+    path = tmp_path / "sep.keras"
+    qmodel.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(loaded.predict(data, verbose=0), qmodel.predict(data, verbose=0))
+    assert qp.quantize_model(model, policy="tensorrt", calibration_data=data).get_layer("sep1").intermediate_quantizer is None
+    with pytest.raises(ValueError, match="separable convs"):
+        QuantizeWrapper(L.Conv2D(4, 3), [qp.TensorQuantizer(8)], intermediate_quantizer=qp.TensorQuantizer(8))
