@@ -478,5 +478,9 @@ def test_separable_convs_run_as_two_integer_convs(tmp_path):
     loaded = keras.saving.load_model(path, safe_mode=True)
     np.testing.assert_array_equal(loaded.predict(data, verbose=0), qmodel.predict(data, verbose=0))
     assert qp.quantize_model(model, policy="tensorrt", calibration_data=data).get_layer("sep1").intermediate_quantizer is None
+    # TFLite runs the two halves as a DEPTHWISE_CONV_2D and a CONV_2D, both int8.
+    tflite = qp.export_tflite(qp.quantize_model(model, policy="tflite", calibration_data=data), tmp_path / "sep.tflite",
+                              validation_data=data)
+    assert tflite.float_ops == () and dict(tflite.op_counts)["DEPTHWISE_CONV_2D"] == 2 and tflite.agreement == 1.0
     with pytest.raises(ValueError, match="separable convs"):
         QuantizeWrapper(L.Conv2D(4, 3), [qp.TensorQuantizer(8)], intermediate_quantizer=qp.TensorQuantizer(8))
