@@ -484,3 +484,52 @@ def test_separable_convs_run_as_two_integer_convs(tmp_path):
     assert tflite.float_ops == () and dict(tflite.op_counts)["DEPTHWISE_CONV_2D"] == 2 and tflite.agreement == 1.0
     with pytest.raises(ValueError, match="separable convs"):
         QuantizeWrapper(L.Conv2D(4, 3), [qp.TensorQuantizer(8)], intermediate_quantizer=qp.TensorQuantizer(8))
+
+
+@pytest.mark.parametrize("kernel, strides, pads", [(3, 1, 1), (2, 2, 0), (3, 2, 1)])
+def test_average_pools_stay_in_float_with_the_same_averages(tmp_path, kernel, strides, pads):
+    """DQ -> AveragePool -> Q, rewritten to dodge onnxruntime's slow QLinearAveragePool, still averages valid elements."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qat_plugin.export._qdq_graph import average_pools_in_float
+
+    scale, zp = 0.05, 7
+    inits = [numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(np.array(zp, np.uint8), "zp")]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["x", "s", "zp"], ["dq"]),
+        helper.make_node("AveragePool", ["dq"], ["pooled"], kernel_shape=[kernel] * 2, strides=[strides] * 2, pads=[pads] * 4),
+        helper.make_node("QuantizeLinear", ["pooled", "s", "zp"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [None, 4, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(kernel + strides).integers(0, 256, (2, 4, 9, 9), dtype=np.uint8)
+    assert average_pools_in_float(proto) == 1
+    onnx.save(proto, tmp_path / "pool.onnx")
+    kernels = qp.ort_kernels(tmp_path / "pool.onnx")
+    assert kernels.get("AveragePool") == 1 and "QLinearAveragePool" not in kernels, kernels
+    codes = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    # The exact average over each window's valid elements (ONNX's count_include_pad=0, Keras's "same"),
+    # in float64 and in output steps: the file's codes round it, up to a float tie.
+    values = np.pad((x.astype(np.float64) - zp) * scale, [(0, 0), (0, 0), (pads, pads), (pads, pads)], constant_values=np.nan)
+    windows = np.lib.stride_tricks.sliding_window_view(values, (kernel, kernel), axis=(2, 3))[:, :, ::strides, ::strides]
+    exact = np.nanmean(windows, axis=(4, 5)) / scale + zp
+    assert codes.shape == exact.shape
+    assert np.all(np.abs(codes - exact) <= 0.5 + 1e-4), np.abs(codes - exact).max()
+
+
+def test_inception_pool_branch_exports_with_a_float_pool(tmp_path):
+    # Inception's pool branch: AveragePooling2D(3, strides=1, padding="same") on a concat, then a 1x1 conv.
+    keras.utils.set_random_seed(7)
+    inp = keras.Input((10, 10, 4))
+    x = L.Concatenate(name="cat")([L.Conv2D(8, 1, activation="relu", name=n)(inp) for n in ("a", "b")])
+    pooled = L.Conv2D(8, 1, activation="relu", name="c")(L.AveragePooling2D(3, strides=1, padding="same", name="pool")(x))
+    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(pooled)))
+    data = np.random.rand(64, 10, 10, 4).astype("float32")
+    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data)
+    report = qp.export_onnx(qmodel, tmp_path / "inception.onnx", validation_data=data)
+    assert report.ort_kernels.get("AveragePool") == 1 and "QLinearAveragePool" not in report.ort_kernels, report.ort_kernels
+    assert report.float_compute == [] and report.ort_kernels["QLinearConv"] == 3 and report.agreement >= 0.99
+    np.testing.assert_allclose(qp.run_onnx(report.path, data), qmodel.predict(data, verbose=0), atol=0.05)

@@ -35,6 +35,7 @@ from qat_plugin.export._qdq_graph import (
     QDQPair,
     _Graph,
     _require,
+    average_pools_in_float,
     pads_before_dequantize,
     qdq_pairs,
     quantize_like_onnx,
@@ -532,6 +533,7 @@ def export_onnx(
     if runtime == "onnxruntime":
         to_uint8_activations(proto)
         pads_before_dequantize(proto)
+        average_pools_in_float(proto)
         widened = widen_narrow_convs(proto)
         _warn_if_saturating(model)
     try:
