@@ -5,10 +5,11 @@
     python benchmarks/ort_latency.py --models resnet8,mobilenetv2 --size 128
     python benchmarks/ort_latency.py --quick                  # smoke run, under 2 minutes
     python benchmarks/ort_latency.py --models inceptionv3 --size 299   # measured only, no targets (~9 min)
+    python benchmarks/ort_latency.py --models densenet121,resnet50v2 --size 96   # measured only, no targets
 
 For each model (ResNet-8 from `qat_plugin.models` on 28x28x1 MNIST digits;
 `keras.applications` ResNet50 and MobileNetV2, and on request InceptionV3,
-`weights=None`, logits out, on
+DenseNet121 and ResNet50V2, `weights=None`, logits out, on
 the same digits resized to --size and repeated to 3 channels), briefly
 trained in FP32 (then its BatchNorm statistics re-estimated, so they are
 real), it writes four ONNX files:
@@ -102,6 +103,22 @@ SETUPS = {
             weights=None, input_shape=(size, size, 3), classes=10, classifier_activation=None
         ),
         False, None, 400, 8, 256, 75,
+    ),
+    # Not in the default run either: BatchNorm-ReLU after concats (DenseNet) or adds (ResNetV2) that no conv
+    # folds, `PlacementPolicy.standalone_batchnorm`'s case, and DenseNet's 2x2 transition pools.
+    "densenet121": Setup(
+        "DenseNet121",
+        lambda size: keras.applications.DenseNet121(
+            weights=None, input_shape=(size, size, 3), classes=10, classifier_activation=None
+        ),
+        False, None, 400, 8, 256,
+    ),
+    "resnet50v2": Setup(
+        "ResNet50V2",
+        lambda size: keras.applications.ResNet50V2(
+            weights=None, input_shape=(size, size, 3), classes=10, classifier_activation=None
+        ),
+        False, None, 400, 8, 256,
     ),
 }
 DEFAULT_MODELS = "resnet8,resnet50,mobilenetv2"

@@ -311,6 +311,14 @@ class PlacementPolicy:
             gets fake-quantized, with the BatchNorm's moving statistics
             (frozen from the switch on), so the exported file computes
             exactly what was trained.
+        standalone_batchnorm: a `BatchNormalization` no conv takes in (after
+            a concat or an add: DenseNet, pre-activation ResNets) is
+            quantized on its own, as a 1x1 depthwise conv with its moving
+            statistics (frozen from the switch on, like a folded one): with
+            the ReLU after it, integer runtimes run it as one integer
+            kernel, where a float scale and shift cost a dequantize, two
+            float ops and a requantize (and, in onnxruntime, layout
+            transposes around them).
         fuse_activations: a ReLU right after a quantized layer moves into its
             wrapper, so the output quantizer sits after it (unsigned: a
             ReLU's output is never negative). Integer runtimes then drop the
@@ -328,8 +336,8 @@ class PlacementPolicy:
 
     >>> get_policy("tensorrt").quantize_outputs
     False
-    >>> get_policy("onnxruntime").fold_batchnorm
-    True
+    >>> get_policy("onnxruntime").fold_batchnorm, get_policy("onnxruntime").standalone_batchnorm
+    (True, True)
     """
 
     name: str
@@ -338,6 +346,7 @@ class PlacementPolicy:
     quantize_outputs: bool = False
     residual_add: str = "one_unquantized"
     fold_batchnorm: bool = False
+    standalone_batchnorm: bool = False
     fuse_activations: bool = False
     reuse_output_ranges: bool = False
     quantize_bias: bool = False
@@ -355,6 +364,11 @@ class PlacementPolicy:
                 "`fuse_activations=True` moves the output quantizer after the activation, so it needs "
                 "`quantize_outputs=True`."
             )
+        if self.standalone_batchnorm and not (self.quantize_weights and self.quantize_outputs):
+            raise SpecError(
+                "`standalone_batchnorm=True` quantizes a BatchNorm's scale and output, so it needs "
+                "`quantize_weights=True` and `quantize_outputs=True`."
+            )
         if self.reuse_output_ranges and not self.quantize_outputs:
             raise SpecError("`reuse_output_ranges=True` reuses output quantizers, so it needs `quantize_outputs=True`.")
 
@@ -371,6 +385,7 @@ ONNXRUNTIME = PlacementPolicy(
     quantize_outputs=True,
     residual_add="all",
     fold_batchnorm=True,
+    standalone_batchnorm=True,
     fuse_activations=True,
     reuse_output_ranges=True,
     quantize_bias=True,

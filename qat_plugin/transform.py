@@ -24,7 +24,18 @@ from qat_plugin.config import (
 )
 from qat_plugin.errors import AlreadyQuantizedError, SpecError, UnsupportedModelError
 from qat_plugin.quantizers import TensorQuantizer
-from qat_plugin.wrappers import ON_GRID_LAYERS, SEPARABLE_CONVS, Absorbed, QuantizeWrapper, foldable_attr, is_relu, layer_kind, quantize_wrappers, supported_types
+from qat_plugin.wrappers import (
+    ON_GRID_LAYERS,
+    SEPARABLE_CONVS,
+    Absorbed,
+    QuantizeWrapper,
+    foldable_attr,
+    is_relu,
+    layer_kind,
+    quantize_wrappers,
+    standalone_batchnorm_problem,
+    supported_types,
+)
 
 # Layers between a conv and an add that TensorRT fuses through.
 _FUSE_THROUGH = ("BatchNormalization", "Activation", "ReLU")
@@ -229,7 +240,24 @@ def _check_names(spec: QuantizationSpec, layers: list) -> None:
                 raise SpecError(f"`{field}` entry {cls!r} is not a Keras layer class.{' Did you mean ' + str(close) + '?' if close else ''}")
 
 
-def _selected(layer, spec: QuantizationSpec) -> tuple[bool, str]:
+def _batchnorm_problem(layer, policy: PlacementPolicy) -> str | None:
+    """Why a BatchNormalization no conv folds stays in float under `policy`; None if it is quantized."""
+    if not policy.standalone_batchnorm:
+        return f"policy {policy.name!r} leaves a BatchNormalization that no conv folds in float"
+    if len(layer._inbound_nodes) != 1:
+        return "a shared BatchNormalization stays in float"
+    tensor = layer._inbound_nodes[0].input_tensors[0]
+    history = getattr(tensor, "_keras_history", None)
+    producer = None if history is None else history.operation
+    folds = policy.fold_batchnorm and producer is not None and foldable_attr(producer) is not None
+    if folds and len(producer._inbound_nodes) == 1 and len(producer._outbound_nodes) == 1:
+        # Kept out of a partial quantization with its conv: a float conv, then an integer BatchNorm, helps no runtime.
+        return f"it follows {producer.name!r}, and folds into it where that is quantized"
+    problem = standalone_batchnorm_problem(layer, tensor.shape)
+    return None if problem is None else f"it {problem}"
+
+
+def _selected(layer, spec: QuantizationSpec, policy: PlacementPolicy) -> tuple[bool, str]:
     name = layer.name
     if any(name_matches(p, name) for p in spec.exclude) or class_matches(spec.exclude_types, layer):
         return False, "excluded by the spec"
@@ -237,14 +265,23 @@ def _selected(layer, spec: QuantizationSpec) -> tuple[bool, str]:
         return False, "rejected by `filters`"
     named = spec.layers is not None and any(name_matches(p, name) for p in spec.layers)
     typed = class_matches(spec.layer_types, layer)
+    bn_problem = _batchnorm_problem(layer, policy) if isinstance(layer, keras.layers.BatchNormalization) else None
     if spec.layers is None and not spec.layer_types:
-        return (True, "selected") if layer_kind(layer) is not None else (False, "not a quantizable kind")
+        if layer_kind(layer) is None:
+            return False, "not a quantizable kind"
+        return (True, "selected") if bn_problem is None else (False, bn_problem)
     if named or typed:
         if layer_kind(layer) is None:
             raise SpecError(
                 f"Layer {name!r} ({type(layer).__name__}) is selected by the spec but is not a kind qat-plugin "
                 f"quantizes (supported: {supported_types()}). Quantize its inputs with a pattern hook, "
                 "or teach qat-plugin the kind with `qat_plugin.register_layer`."
+            )
+        if bn_problem is not None:
+            raise SpecError(
+                f"Layer {name!r} (BatchNormalization) is selected by the spec, but {bn_problem}. A BatchNorm "
+                "right after a conv folds into it under the 'onnxruntime' and 'tflite' policies; one after a "
+                "concat or an add is quantized on its own there (`PlacementPolicy.standalone_batchnorm`)."
             )
         return True, "selected"
     return False, "not selected by the spec"
@@ -273,7 +310,7 @@ def plan_quantization(model: keras.Model, spec: QuantizationSpec, policy: Placem
     _check_names(spec, layers)
     by_name = {layer.name: layer for layer in layers}
     extra = _hook_inputs(model, spec, by_name)
-    selection = {id(l): _selected(l, spec) for l in layers}
+    selection = {id(l): _selected(l, spec, policy) for l in layers}
     weighted = {id(l) for l in layers if selection[id(l)][0] and layer_kind(l).weights and policy.quantize_weights}
 
     # First pass: what each chosen layer absorbs, so the second knows which
@@ -282,8 +319,14 @@ def plan_quantization(model: keras.Model, spec: QuantizationSpec, policy: Placem
     absorbed: dict[int, dict] = {}
     absorbed_by: dict[int, str] = {}
     for layer in layers:
+        if id(layer) in absorbed_by:  # a BatchNorm a conv folds: the conv's wrapper also takes its ReLU
+            continue
         if selection[id(layer)][0] and layer_kind(layer) is not None and policy.quantize_outputs:
-            found = {k: v for k, v in _absorbed(layer, policy, outputs).items() if not selection.get(id(v), (False,))[0]}
+            # Folding wins over quantizing a BatchNorm on its own; a ReLU the spec selects keeps its own wrapper.
+            found = {
+                k: v for k, v in _absorbed(layer, policy, outputs).items()
+                if k == "batchnorm" or not selection.get(id(v), (False,))[0]
+            }
             absorbed[id(layer)] = found
             absorbed_by.update({id(v): layer.name for v in found.values()})
     # Which layer's (absorbed) output is quantized: the last absorbed layer, or the layer itself.

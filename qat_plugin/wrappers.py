@@ -95,6 +95,12 @@ register_layer(L.SeparableConv1D, [("depthwise_kernel", 1), ("pointwise_kernel",
 # Transposed kernels are (..., out, in).
 for _cls in (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose):
     register_layer(_cls, [("kernel", -2)])
+# A BatchNormalization no conv can take in (after a concat or an add, as in
+# DenseNet and pre-activation ResNets) runs as a 1x1 depthwise conv: its
+# per-channel scale `gamma / sqrt(moving_variance + epsilon)` is the kernel,
+# (1, ..., channels, 1), so the channel axis is -2. Placement policies
+# decide whether it is quantized (`PlacementPolicy.standalone_batchnorm`).
+register_layer(L.BatchNormalization, [("gamma", -2)])
 register_layer(L.Add, inputs="residual")
 register_layer(L.Concatenate, inputs="all")
 for _cls in (
@@ -129,7 +135,19 @@ def foldable_attr(layer) -> str | None:
         return None  # groups/transposed layouts: not worth the special case
     if isinstance(layer, keras.layers.EinsumDense):
         return None  # its bias follows the equation, not the last axis
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return None  # two BatchNorms in a row: rare enough to leave the second in float
     return kind.weights[-1][0]  # separable convs: the pointwise kernel makes the output
+
+
+def standalone_batchnorm_problem(layer, input_shape) -> str | None:
+    """Why a BatchNormalization can't run as a 1x1 depthwise conv on inputs of `input_shape`; None if it can."""
+    rank = len(input_shape)
+    if rank not in (3, 4):
+        return f"normalizes a rank-{rank} tensor, and only 1D and 2D feature maps (rank 3 or 4) run as a depthwise conv"
+    if layer.axis % rank != rank - 1:
+        return f"normalizes axis {layer.axis} of a rank-{rank} tensor, not the channels-last axis"
+    return None
 
 
 def _weight_label(attr: str, n_weights: int) -> str:
@@ -153,6 +171,14 @@ class QuantizeWrapper(keras.layers.Wrapper):
     are frozen (the folded model is trained with them), `gamma` and `beta`
     keep training. With `activation`, that layer runs after the (folded)
     layer and before the output quantizer.
+
+    A wrapped `BatchNormalization` (channels last, 1D or 2D feature maps)
+    runs as a 1x1 depthwise conv with its moving statistics: the kernel is
+    `gamma / sqrt(moving_variance + epsilon)` (the `"gamma"` weight
+    quantizer's input: one value per channel, so per-channel int8 holds it
+    exactly), the bias `beta - moving_mean * kernel`. That is the op integer
+    runtimes run as one integer kernel, with a following ReLU; as with a
+    folded BatchNorm, the statistics stay frozen and `gamma` and `beta` train.
 
     Args:
         layer: the layer to wrap.
@@ -218,6 +244,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         self.batchnorm = self._sublayer(batchnorm)
         self.activation = self._sublayer(activation)
         self.quantize_bias = bool(quantize_bias)
+        self._standalone_bn = isinstance(layer, keras.layers.BatchNormalization)
+        if self._standalone_bn and (self.batchnorm is not None or self.intermediate_quantizer is not None):
+            raise ValueError(f"A wrapped BatchNormalization ({layer.name!r}) takes no `batchnorm` or `intermediate_quantizer`.")
         if self.batchnorm is not None:
             self._fold_attr = foldable_attr(layer)
             if self._fold_attr is None:
@@ -249,6 +278,11 @@ class QuantizeWrapper(keras.layers.Wrapper):
         raise TypeError(f"Expected a keras.layers.Layer or None. Received: {layer!r}")
 
     def build(self, input_shape=None):
+        if self._standalone_bn:
+            problem = standalone_batchnorm_problem(self.layer, input_shape)
+            if problem is not None:
+                raise ValueError(f"Can't quantize BatchNormalization {self.layer.name!r} on its own: it {problem}.")
+            self._spatial_rank = len(input_shape) - 2
         super().build(input_shape)
         out_shape = self.layer.compute_output_shape(input_shape)
         for sub in (self.batchnorm, self.activation):
@@ -304,6 +338,18 @@ class QuantizeWrapper(keras.layers.Wrapper):
             kwargs["training"] = training
         x = self._quantize_inputs(inputs, training)
         calibrating = self._calibration_hook is not None
+        y = self._batchnorm_call(x, calibrating) if self._standalone_bn else self._layer_call(x, calibrating, training, kwargs)
+        if self.activation is not None:
+            y = self.activation(y)
+        if self.output_quantizer is not None:
+            if self._calibration_hook is not None:
+                self._calibration_hook(self, ("output", 0), y)
+            else:
+                y = self._fake_quant(self.output_quantizer, self.output_amax, y, training)
+        return y
+
+    def _layer_call(self, x, calibrating: bool, training, kwargs):
+        """The wrapped layer's own `call`, with the fake-quantized (folded) weights swapped in."""
         swaps = {}
         attrs = list(self.weight_quantizers)
         if self.batchnorm is not None and self._fold_attr not in attrs:
@@ -322,12 +368,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 swaps["use_bias"] = True
         if self.quantize_bias and not calibrating:
             bias = swaps.get("bias", getattr(self.layer, "bias", None))
-            step = None if bias is None else self._bias_step(bias)
-            if step is not None:
-                bias = ops.cast(bias, "float32")
-                # Straight-through: the bias trains in float.
-                rounded = bias + ops.stop_gradient(ops.round(bias / step) * step - bias)
-                swaps["bias"] = ops.cast(rounded, self.layer.compute_dtype)
+            if bias is not None:
+                swaps["bias"] = self._rounded_bias(bias)
         # Swap the (folded, fake-quantized) tensors in where the layer's own
         # `call` reads them; restored right after.
         originals = {attr: getattr(self.layer, attr) for attr in swaps}
@@ -338,14 +380,29 @@ class QuantizeWrapper(keras.layers.Wrapper):
         finally:
             for attr, var in originals.items():
                 object.__setattr__(self.layer, attr, var)
-        if self.activation is not None:
-            y = self.activation(y)
-        if self.output_quantizer is not None:
-            if self._calibration_hook is not None:
-                self._calibration_hook(self, ("output", 0), y)
-            else:
-                y = self._fake_quant(self.output_quantizer, self.output_amax, y, training)
         return y
+
+    def _rounded_bias(self, bias):
+        """`bias` on its integer grid (see `quantize_bias`), or as it is where it has none."""
+        step = self._bias_step(bias)
+        if step is None:
+            return bias
+        bias = ops.cast(bias, "float32")
+        # Straight-through: the bias trains in float.
+        rounded = bias + ops.stop_gradient(ops.round(bias / step) * step - bias)
+        return ops.cast(rounded, self.layer.compute_dtype)
+
+    def _batchnorm_call(self, x, calibrating: bool):
+        """A wrapped BatchNormalization as a 1x1 depthwise conv plus bias (see the class docstring)."""
+        bn = self.layer
+        kernel = self.weight_value("gamma")
+        if "gamma" in self.weight_quantizers and not calibrating:
+            kernel = self.weight_quantizers["gamma"](kernel)
+        bias = ops.cast(self._bn_shift(bn, self._bn_scale(bn)), bn.compute_dtype)
+        if self.quantize_bias and not calibrating:
+            bias = self._rounded_bias(bias)
+        y = ops.depthwise_conv(ops.cast(x, bn.compute_dtype), kernel, strides=1, padding="valid")
+        return ops.add(y, ops.reshape(bias, (1,) * (len(y.shape) - 1) + (-1,)))
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
@@ -405,26 +462,36 @@ class QuantizeWrapper(keras.layers.Wrapper):
         quantizer, amax = grid
         return quantizer.step(amax) * w_step
 
-    def _bn_scale(self):
-        bn = self.batchnorm
+    @staticmethod
+    def _bn_scale(bn):
         inv = ops.rsqrt(ops.cast(bn.moving_variance, "float32") + bn.epsilon)
         return inv * bn.gamma if bn.scale else inv
 
+    @staticmethod
+    def _bn_shift(bn, scale):
+        """What `bn` adds after scaling by `scale`: `beta - moving_mean * scale`."""
+        shift = -ops.cast(bn.moving_mean, "float32") * scale
+        return shift + bn.beta if bn.center else shift
+
     def _folded_bias(self):
-        bn, scale = self.batchnorm, self._bn_scale()
-        bias = -ops.cast(bn.moving_mean, "float32") * scale
-        if bn.center:
-            bias = bias + bn.beta
+        bn, scale = self.batchnorm, self._bn_scale(self.batchnorm)
+        bias = self._bn_shift(bn, scale)
         if getattr(self.layer, "bias", None) is not None:
             bias = bias + self.layer.bias * scale
         return ops.cast(bias, self.layer.compute_dtype)
 
     def weight_value(self, attr: str):
-        """The float weight the layer computes with: folded with the BatchNorm if there is one."""
+        """The float weight the layer computes with: folded with the BatchNorm if there is one.
+
+        For a wrapped BatchNormalization: its scale as a 1x1 depthwise kernel.
+        """
+        if self._standalone_bn:
+            scale = ops.cast(self._bn_scale(self.layer), self.layer.compute_dtype)
+            return ops.reshape(scale, (1,) * self._spatial_rank + (-1, 1))
         w = ops.cast(getattr(self.layer, attr), self.layer.compute_dtype)
         if self.batchnorm is None or attr != self._fold_attr:
             return w
-        scale = ops.cast(self._bn_scale(), w.dtype)
+        scale = ops.cast(self._bn_scale(self.batchnorm), w.dtype)
         if isinstance(self.layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
             # (..., in, multiplier): output channel = in * multiplier + m.
             scale = ops.reshape(scale, tuple(w.shape[-2:]))

@@ -486,38 +486,54 @@ def test_separable_convs_run_as_two_integer_convs(tmp_path):
         QuantizeWrapper(L.Conv2D(4, 3), [qp.TensorQuantizer(8)], intermediate_quantizer=qp.TensorQuantizer(8))
 
 
+def dq_pool_q(kernel, strides, pads, count_include_pad, channels, in_grid, out_grid):
+    """A `DQ -> AveragePool -> Q` graph on uint8 NCHW inputs, and random codes for it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    (s, zp), (s_out, zp_out) = in_grid, out_grid
+    inits = [numpy_helper.from_array(np.array(v, dtype), name) for v, dtype, name in
+             ((s, np.float32, "s"), (zp, np.uint8, "zp"), (s_out, np.float32, "s_out"), (zp_out, np.uint8, "zp_out"))]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["x", "s", "zp"], ["dq"]),
+        helper.make_node("AveragePool", ["dq"], ["pooled"], kernel_shape=[kernel] * 2, strides=[strides] * 2,
+                         pads=[pads] * 4, count_include_pad=count_include_pad),
+        helper.make_node("QuantizeLinear", ["pooled", "s_out", "zp_out"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [None, channels, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
+    x = np.random.default_rng(kernel + strides).integers(0, 256, (2, channels, 9, 9), dtype=np.uint8)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), x
+
+
+def exact_average_codes(x, kernel, strides, pads, count_include_pad, in_grid, out_grid):
+    """Each window's average in float64, in output steps: what a correct file's codes round."""
+    (s, zp), (s_out, zp_out) = in_grid, out_grid
+    fill = 0.0 if count_include_pad else np.nan  # padding averaged as a zero, or left out (Keras's "same")
+    values = np.pad((x.astype(np.float64) - zp) * s, [(0, 0), (0, 0), (pads, pads), (pads, pads)], constant_values=fill)
+    windows = np.lib.stride_tricks.sliding_window_view(values, (kernel, kernel), axis=(2, 3))[:, :, ::strides, ::strides]
+    return np.nanmean(windows, axis=(4, 5)) / s_out + zp_out
+
+
+def run_codes(proto, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
 @pytest.mark.parametrize("kernel, strides, pads", [(3, 1, 1), (2, 2, 0), (3, 2, 1)])
 def test_average_pools_stay_in_float_with_the_same_averages(tmp_path, kernel, strides, pads):
     """DQ -> AveragePool -> Q, rewritten to dodge onnxruntime's slow QLinearAveragePool, still averages valid elements."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
     from qat_plugin.export._qdq_graph import average_pools_in_float
 
-    scale, zp = 0.05, 7
-    inits = [numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(np.array(zp, np.uint8), "zp")]
-    nodes = [
-        helper.make_node("DequantizeLinear", ["x", "s", "zp"], ["dq"]),
-        helper.make_node("AveragePool", ["dq"], ["pooled"], kernel_shape=[kernel] * 2, strides=[strides] * 2, pads=[pads] * 4),
-        helper.make_node("QuantizeLinear", ["pooled", "s", "zp"], ["y"]),
-    ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [None, 4, 9, 9])],
-                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    x = np.random.default_rng(kernel + strides).integers(0, 256, (2, 4, 9, 9), dtype=np.uint8)
+    grid = (0.05, 7)
+    proto, x = dq_pool_q(kernel, strides, pads, 0, 4, grid, grid)
     assert average_pools_in_float(proto) == 1
     onnx.save(proto, tmp_path / "pool.onnx")
     kernels = qp.ort_kernels(tmp_path / "pool.onnx")
     assert kernels.get("AveragePool") == 1 and "QLinearAveragePool" not in kernels, kernels
-    codes = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-
-    # The exact average over each window's valid elements (ONNX's count_include_pad=0, Keras's "same"),
-    # in float64 and in output steps: the file's codes round it, up to a float tie.
-    values = np.pad((x.astype(np.float64) - zp) * scale, [(0, 0), (0, 0), (pads, pads), (pads, pads)], constant_values=np.nan)
-    windows = np.lib.stride_tricks.sliding_window_view(values, (kernel, kernel), axis=(2, 3))[:, :, ::strides, ::strides]
-    exact = np.nanmean(windows, axis=(4, 5)) / scale + zp
+    codes, exact = run_codes(proto, x), exact_average_codes(x, kernel, strides, pads, 0, grid, grid)
     assert codes.shape == exact.shape
-    assert np.all(np.abs(codes - exact) <= 0.5 + 1e-4), np.abs(codes - exact).max()
+    assert np.all(np.abs(codes - exact) <= 0.5 + 1e-4), np.abs(codes - exact).max()  # up to a float tie
 
 
 def test_inception_pool_branch_exports_with_a_float_pool(tmp_path):
@@ -533,3 +549,158 @@ def test_inception_pool_branch_exports_with_a_float_pool(tmp_path):
     assert report.ort_kernels.get("AveragePool") == 1 and "QLinearAveragePool" not in report.ort_kernels, report.ort_kernels
     assert report.float_compute == [] and report.ort_kernels["QLinearConv"] == 3 and report.agreement >= 0.99
     np.testing.assert_allclose(qp.run_onnx(report.path, data), qmodel.predict(data, verbose=0), atol=0.05)
+
+
+@pytest.mark.parametrize("kernel, strides, pads", [(2, 2, 0), (3, 1, 0), (3, 1, 1)])
+def test_unpadded_average_pools_become_integer_depthwise_convs(tmp_path, kernel, strides, pads):
+    """A pool that averages no padding (or counts it, as a zero) runs as a depthwise QLinearConv of 1/k."""
+    from qat_plugin.export._qdq_graph import average_pools_as_depthwise_convs
+
+    in_grid, out_grid = (0.05, 7), (0.047, 3)  # the pool's own output grid, as in Keras
+    proto, x = dq_pool_q(kernel, strides, pads, 1, 16, in_grid, out_grid)
+    assert average_pools_as_depthwise_convs(proto) == 1
+    onnx.save(proto, tmp_path / "pool.onnx")
+    kernels = qp.ort_kernels(tmp_path / "pool.onnx")
+    assert kernels.get("QLinearConv") == 1 and not {"AveragePool", "QLinearAveragePool"} & set(kernels), kernels
+    codes, exact = run_codes(proto, x), exact_average_codes(x, kernel, strides, pads, 1, in_grid, out_grid)
+    assert codes.shape == exact.shape
+    assert np.all(np.abs(codes - exact) <= 0.5 + 1e-4), np.abs(codes - exact).max()
+    # Keras's padding="same" pools don't count their padding: no integer conv of fixed weights does that.
+    assert average_pools_as_depthwise_convs(dq_pool_q(3, 1, 1, 0, 16, in_grid, out_grid)[0]) == 0
+
+
+def densenet_like(seed=0):
+    """DenseNet's pattern in small: pre-activation BatchNorm-ReLU after chained concats, 2x2 transition pools."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((16, 16, 3))
+    x = L.ReLU(name="r0")(L.BatchNormalization(name="bn0")(L.Conv2D(16, 3, padding="same", use_bias=False, name="c0")(inp)))
+    x = L.MaxPooling2D(3, strides=2, name="pool0")(L.ZeroPadding2D(1, name="pad0")(x))
+    for t in range(2):
+        for i in range(2):
+            y = L.Activation("relu", name=f"t{t}b{i}_relu")(L.BatchNormalization(name=f"t{t}b{i}_bn")(x))
+            y = L.Conv2D(16, 3, padding="same", use_bias=False, name=f"t{t}b{i}_conv")(y)
+            x = L.Concatenate(name=f"t{t}b{i}_cat")([x, y])
+        x = L.Activation("relu", name=f"t{t}_relu")(L.BatchNormalization(name=f"t{t}_bn")(x))
+        x = L.AveragePooling2D(2, name=f"t{t}_pool")(L.Conv2D(32, 1, use_bias=False, name=f"t{t}_conv")(x))
+    x = L.Activation("relu", name="post_relu")(L.BatchNormalization(name="post_bn")(x))
+    model = keras.Model(inp, L.Dense(10, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
+    data = np.random.default_rng(seed).random((256, 16, 16, 3), dtype=np.float32)
+    for _ in range(3):  # BatchNorm statistics that are not the identity
+        model(data[:64], training=True)
+    return model, data
+
+
+def test_batchnorm_after_a_concat_runs_as_an_integer_depthwise_conv(tmp_path, monkeypatch):
+    model, data = densenet_like()
+    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data[:64])
+    skipped = qmodel.qat_report.skipped
+    assert skipped["bn0"] == "folded into 'c0'" and skipped["t0b0_relu"] == "fused into 't0b0_bn'"
+    bn = qmodel.get_layer("t0b0_bn")
+    assert isinstance(bn, QuantizeWrapper) and [r["label"] for r in bn.quantizer_ranges()] == ["weight", "output"]
+    assert bn.output_quantizer.unsigned and bn.quantize_bias  # the ReLU's output, and the kernel's int32 bias grid
+    # One scale per channel, so per-channel int8 holds the BatchNorm's scale exactly: only the bias is rounded.
+    scale = bn.weight_value("gamma")
+    np.testing.assert_allclose(bn.weight_quantizers["gamma"](scale), scale, rtol=1e-6)
+    original = model.get_layer("t0b0_bn")
+    expected = original.gamma.numpy() / np.sqrt(original.moving_variance.numpy() + original.epsilon)
+    np.testing.assert_allclose(np.asarray(scale).reshape(-1), expected, rtol=1e-6)
+    # With the quantizers off (as while calibrating), the wrappers compute the model in inference mode.
+    for w in quantize_wrappers(qmodel):
+        w._calibration_hook = lambda *args: None
+    np.testing.assert_allclose(qmodel(data), model(data, training=False), atol=1e-4)
+    for w in quantize_wrappers(qmodel):
+        w._calibration_hook = None
+
+    report = qp.export_onnx(qmodel, tmp_path / "dense.onnx", validation_data=data)
+    kernels = report.ort_kernels
+    # Every BatchNorm, conv and 2x2 pool an integer conv; concats integer, in the convs' layout (one Transpose: the head's).
+    assert report.float_compute == [] and kernels["QLinearConv"] == 1 + 4 * 2 + 2 * 3 + 1, kernels
+    assert kernels["QLinearConcat"] == 4 and kernels.get("Transpose", 0) <= 1, kernels
+    assert not {"AveragePool", "QLinearAveragePool", "MaxPool", "Mul", "Add"} & set(kernels), kernels
+    assert report.agreement == 1.0
+    onnx_out = qp.run_onnx(report.path, data)
+
+    # The export's graph rewrites change no output: the same file without them computes the same numbers.
+    import qat_plugin.export.onnx as onnx_export
+
+    for name in ("max_pools_before_dequantize", "concats_as_qlinear", "average_pools_as_depthwise_convs"):
+        monkeypatch.setattr(onnx_export, name, lambda proto: 0)
+    plain = qp.export_onnx(qmodel, tmp_path / "plain.onnx", validation_data=data)
+    assert plain.ort_kernels.get("Transpose", 0) > 10 and "QLinearConcat" not in plain.ort_kernels
+    np.testing.assert_array_equal(qp.run_onnx(plain.path, data), onnx_out)
+
+    path = tmp_path / "dense.keras"
+    qmodel.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(loaded.predict(data[:32], verbose=0), qmodel.predict(data[:32], verbose=0))
+
+
+def test_switch_inside_fit_quantizes_a_standalone_batchnorm_that_keeps_training():
+    model, data = densenet_like()
+    labels = np.random.default_rng(0).integers(0, 10, len(data))
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    cb = qp.QATCallback(start_epoch=1, policy="onnxruntime", calibration_data=data[:64], verbose=0)
+    history = model.fit(data, labels, batch_size=32, epochs=2, callbacks=[cb], verbose=0)
+    assert history.history["qat_phase"] == [0, 1]
+    wrapper = model.get_layer("t0b0_bn")
+    assert isinstance(wrapper, QuantizeWrapper) and float(wrapper.output_amax) > 0
+    bn = wrapper.layer
+    assert any(v is bn.gamma for v in model.trainable_variables) and any(v is bn.beta for v in model.trainable_variables)
+    # Frozen statistics, trained scale and shift, as for a folded BatchNorm.
+    stats, gamma = bn.moving_mean.numpy().copy(), bn.gamma.numpy().copy()
+    model.fit(data[:64], labels[:64], epochs=1, verbose=0)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), stats)
+    assert not np.array_equal(bn.gamma.numpy(), gamma)
+
+
+def test_batchnorm_after_a_concat_exports_to_tflite_as_an_int8_depthwise_conv(tmp_path):
+    # Without it, TFLite's converter had no range for the float MUL/ADD and asked for representative_data.
+    model, data = densenet_like()
+    qmodel = qp.quantize_model(model, policy="tflite", calibration_data=data[:64])
+    report = qp.export_tflite(qmodel, tmp_path / "dense.tflite", validation_data=data)
+    standalone = [w for w in quantize_wrappers(qmodel) if isinstance(w.layer, L.BatchNormalization)]
+    assert report.fully_int8 and report.agreement >= 0.99
+    assert report.op_histogram["DEPTHWISE_CONV_2D"] == len(standalone) == 7, report.op_histogram
+
+
+def test_batchnorm_after_a_concat_stays_float_for_tensorrt():
+    model, data = densenet_like()
+    qmodel = qp.quantize_model(model, policy="tensorrt", calibration_data=data[:32])
+    assert qmodel.qat_report.skipped["t0b0_bn"] == "policy 'tensorrt' leaves a BatchNormalization that no conv folds in float"
+    assert not isinstance(qmodel.get_layer("t0b0_bn"), QuantizeWrapper)
+    with pytest.raises(qp.SpecError, match=r"'t0b0_bn' \(BatchNormalization\) is selected.*policy 'tensorrt'.*standalone_batchnorm"):
+        qp.quantize_model(model, qp.QuantizationSpec(layers=["t0b0_bn"]), policy="tensorrt")
+    with pytest.raises(qp.SpecError, match=r"standalone_batchnorm=True.*quantize_outputs=True"):
+        qp.PlacementPolicy("mine", standalone_batchnorm=True)
+    # Only channels-last feature maps run as a depthwise conv; a BatchNorm over a dense layer's features stays float.
+    inp = keras.Input((6,))
+    flat = keras.Model(inp, L.Dense(3, name="head")(L.BatchNormalization(name="bn")(L.Concatenate(name="cat")([inp, inp]))))
+    report = qp.quantize_model(flat, policy="onnxruntime").qat_report
+    assert report.skipped["bn"] == "it normalizes a rank-2 tensor, and only 1D and 2D feature maps (rank 3 or 4) run as a depthwise conv"
+
+
+def test_zero_padded_conv_keeps_its_bias_in_the_integer_kernel(tmp_path):
+    # ResNet50V2's 3x3 convs: ZeroPadding2D, then a valid conv without bias whose BatchNorm folds in. tf2onnx
+    # merged the pad into the Conv and left the folded bias as an Add after it, which kept the conv in float.
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((12, 12, 8))
+    x = L.ReLU(name="preact_relu")(L.BatchNormalization(name="preact_bn")(inp))
+    y = L.Conv2D(8, 3, use_bias=False, name="conv")(L.ZeroPadding2D(1, name="pad")(x))
+    y = L.ReLU(name="relu")(L.BatchNormalization(name="bn")(y))
+    x = L.Add(name="add")([x, L.Conv2D(8, 1, name="proj")(y)])
+    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
+    data = np.random.default_rng(3).random((128, 12, 12, 8), dtype=np.float32)
+    model(data, training=True)
+    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data)
+    report = qp.export_onnx(qmodel, tmp_path / "v2.onnx", validation_data=data)
+    assert report.float_compute == [] and report.ort_kernels["QLinearConv"] == 3, report.ort_kernels
+    attrs = lambda node: {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}  # noqa: E731
+    padded = [n for n in onnx.load(report.path).graph.node if n.op_type == "Conv" and attrs(n)["kernel_shape"] == [3, 3]]
+    assert len(padded) == 1 and attrs(padded[0])["pads"] == [1, 1, 1, 1] and len(padded[0].input) == 3  # with its bias
+    assert report.agreement == 1.0
+
+
+def test_batchnorm_of_a_conv_kept_in_fp32_stays_float_with_it(resnet):
+    report = qp.quantize_model(resnet, qp.QuantizationSpec(exclude=["stack1_conv1"]), policy="onnxruntime").qat_report
+    assert report.skipped["stack1_bn1"] == "it follows 'stack1_conv1', and folds into it where that is quantized"
+    assert report.skipped["stack2_bn1"] == "folded into 'stack2_conv1'"

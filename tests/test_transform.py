@@ -132,7 +132,8 @@ def test_partial_selection_by_name_regex_class_and_exclusion():
     assert quantized(qp.QuantizationSpec(exclude=["conv1"], exclude_types=["Add"])) == ["conv2", "gap", "head"]
     assert quantized(qp.QuantizationSpec(filters=lambda l: l.name != "gap")) == ["add", "conv1", "conv2", "head"]
     report = qp.quantize_model(model, qp.QuantizationSpec(exclude=["conv1"])).qat_report
-    assert report.skipped["conv1"] == "excluded by the spec" and report.skipped["bn1"] == "not a quantizable kind"
+    assert report.skipped["conv1"] == "excluded by the spec" and report.skipped["relu1"] == "not a quantizable kind"
+    assert report.skipped["bn1"] == "policy 'tensorrt' leaves a BatchNormalization that no conv folds in float"
 
 
 def test_overrides_change_bits_per_channel_and_inputs():
@@ -211,7 +212,9 @@ def test_errors_name_the_cause_and_the_fix():
         qp.quantize_model(model, qp.QuantizationSpec(layer_types=["Conv2d"]))
     with pytest.raises(qp.SpecError, match="selects no quantizable layer"):
         qp.quantize_model(model, qp.QuantizationSpec(layer_types=["LayerNormalization"]))
-    with pytest.raises(qp.SpecError, match="'bn1' \\(BatchNormalization\\).*not a kind.*pattern hook"):
+    with pytest.raises(qp.SpecError, match="'relu1' \\(ReLU\\).*not a kind.*pattern hook"):
+        qp.quantize_model(model, qp.QuantizationSpec(layers=["relu1"]))
+    with pytest.raises(qp.SpecError, match="'bn1' \\(BatchNormalization\\) is selected.*policy 'tensorrt'"):
         qp.quantize_model(model, qp.QuantizationSpec(layers=["bn1"]))
     with pytest.raises(qp.SpecError, match="has 2 input"):
         qp.quantize_model(model, qp.QuantizationSpec(overrides={"add": qp.LayerOverride(inputs=(2,))}))

@@ -400,7 +400,8 @@ def to_uint8_activations(model_proto) -> int:
     only: a Conv fed or followed by an int8 pair stays in float there. The
     narrow int8 grid [-127, 127] shifts to [1, 255]. Pairs that are already
     uint8 (after a ReLU) and weights are left alone. The Qs of an int8
-    Concat shift together (InceptionV3 at 96x96: 68 -> 96 integer kernels).
+    Concat shift together (InceptionV3 at 96x96: 68 -> 96 integer kernels),
+    through chains of Concats too (DenseNet's).
 
     Returns:
         How many QuantizeLinear nodes were changed.
@@ -422,11 +423,12 @@ def to_uint8_activations(model_proto) -> int:
     for q in [n for n in g.graph.node if n.op_type == "QuantizeLinear"]:
         if id(q) in done or not int8_zero(q):
             continue
-        # The DQs reading it, directly or through layout ops (tf2onnx writes a
-        # Reshape for a transpose of a 1x1 map) or an int8 Concat, whose other
-        # inputs then shift with it (one dtype, one scale, one DQ after it);
-        # anything else keeps int8.
-        qs, dqs, tensors, todo, ok = [q], {}, [], [q.output[0]], True
+        # Every tensor that must shift with q's: the DQs reading it, directly
+        # or through layout ops (tf2onnx writes a Reshape for a transpose of a
+        # 1x1 map), and int8 Concats, whose inputs (Qs with the same scale,
+        # through layout ops, or other such Concats: DenseNet chains them)
+        # shift with it (one dtype, one scale); anything else keeps int8.
+        qs, dqs, tensors, todo, ok = {}, {}, [], [q.output[0]], True
         scale = g.const(q.input[1])
         while todo and ok:
             name = todo.pop()
@@ -434,30 +436,34 @@ def to_uint8_activations(model_proto) -> int:
                 continue
             tensors.append(name)
             ok = name not in g.outputs and bool(g.consumers.get(name))
+            source = g.producer.get(name)
+            if source is None:
+                ok = False
+            elif source.op_type == "QuantizeLinear":
+                ok = ok and int8_zero(source) and np.array_equal(g.const(source.input[1]), scale)
+                qs[id(source)] = source
+            elif source.op_type == "Concat":
+                todo += list(source.input)
+            elif source.op_type in _LAYOUT_OPS:
+                todo.append(source.input[0])
+            else:
+                ok = False
             for node, i in g.consumers.get(name, []):
                 if node.op_type == "DequantizeLinear" and i == 0:
                     dqs[id(node)] = node
-                elif node.op_type in _LAYOUT_OPS and i == 0:
+                elif (node.op_type in _LAYOUT_OPS and i == 0) or node.op_type == "Concat":
                     todo.append(node.output[0])
-                elif node.op_type == "Concat":
-                    sources = [g.producer.get(source) for source in node.input]
-                    ok = all(
-                        src is not None and src.op_type == "QuantizeLinear" and int8_zero(src)
-                        and np.array_equal(g.const(src.input[1]), scale) for src in sources
-                    )
-                    qs += [src for src in sources if ok and src not in qs]
-                    todo += [src.output[0] for src in sources if ok] + [node.output[0]]
                 else:
                     ok = False
         if not ok:
             continue
         new_zp = g.add_init("zero_point_u8", np.full(g.const(q.input[2]).shape, 128, np.uint8))
-        for node in [*qs, *dqs.values()]:
+        for node in [*qs.values(), *dqs.values()]:
             node.input[2] = new_zp
         for info in g.graph.value_info:  # tf2onnx records the int8 type of these tensors
             if info.name in tensors:
                 info.type.tensor_type.elem_type = 2  # TensorProto.UINT8
-        done.update(id(n) for n in qs)
+        done.update(qs)
         changed += len(qs)
     _clean(g)
     return changed
@@ -499,24 +505,245 @@ def pads_before_dequantize(model_proto) -> int:
             continue
         if len(pad.input) > 3 and pad.input[3]:  # opset 18's `axes`: not written by tf2onnx, left alone
             continue
-        padded, pads = g.fresh(pad.output[0] + "_q"), pad.input[1]
-        fill = g.add_init("pad_zero_point", zp.reshape(()))
-        del pad.input[:]
-        pad.input.extend([dq.input[0], pads, fill])
-        out = pad.output[0]
-        pad.output[0] = padded
-        new_dq = type(dq)()
-        new_dq.CopyFrom(dq)
-        new_dq.name = g.fresh(dq.name + "_after_pad")
-        del new_dq.input[:]
-        new_dq.input.extend([padded, dq.input[1], dq.input[2]])
-        new_dq.output[0] = out
-        g.graph.node.append(new_dq)
+        pads = pad.input[1]
+        del pad.input[1:]
+        pad.input.extend([pads, g.add_init("pad_zero_point", zp.reshape(()))])
+        _dequantize_after(g, pad, dq, "_after_pad")
+        moved += 1
+    if moved:
+        _clean(g)
+    return moved
+
+
+def _dequantize_after(g: _Graph, node, dq, suffix: str) -> None:
+    """Make `node` read `dq`'s integer input and dequantize its output with `dq`'s parameters instead."""
+    node.input[0] = dq.input[0]
+    out = node.output[0]
+    node.output[0] = g.fresh(out + "_q")
+    new_dq = type(dq)()
+    new_dq.CopyFrom(dq)
+    new_dq.name = g.fresh(dq.name + suffix)
+    new_dq.input[0] = node.output[0]
+    new_dq.output[0] = out
+    g.graph.node.append(new_dq)
+    g.reindex()
+
+
+def max_pools_before_dequantize(model_proto) -> int:
+    """Move every MaxPool that reads a per-tensor DequantizeLinear in front of it: exact.
+
+    `DQ(x) -> MaxPool` becomes `MaxPool(x) -> DQ` (dequantizing is
+    increasing, so the max of codes is the code of the max). onnxruntime
+    does this itself where the pool has one consumer, not where it has
+    more: DenseNet's `pool1` feeds a concat and a BatchNorm, and the pool
+    then ran in float and the BatchNorm's conv after it too.
+
+    Returns:
+        How many MaxPool nodes were moved.
+
+    Example:
+
+    >>> max_pools_before_dequantize(onnx.load("model.onnx"))  # doctest: +SKIP
+    1
+    """
+    g = _Graph(model_proto.graph)
+    moved = 0
+    for pool in [n for n in g.graph.node if n.op_type == "MaxPool" and len([o for o in n.output if o]) == 1]:
+        dq = g.producer.get(pool.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+            continue
+        scale, zp = g.const(dq.input[1]), g.const(dq.input[2])
+        if scale is None or zp is None or scale.size != 1 or zp.size != 1 or not np.all(scale > 0):
+            continue
+        _dequantize_after(g, pool, dq, "_after_pool")
+        moved += 1
+    if moved:
+        _clean(g)
+    return moved
+
+
+def biases_into_convs(model_proto) -> int:
+    """Move a constant per-channel Add after a bias-less Conv into the Conv's bias: exact.
+
+    tf2onnx leaves the bias of a conv that follows a ZeroPadding (merged into
+    the Conv's pads) as an Add of its own, and onnxruntime fuses `DQ -> Conv
+    -> Q` into QLinearConv only with nothing between: ResNet50V2's 3x3 convs
+    all ran in float. The bias was trained on the integer grid the kernel
+    adds it on (`PlacementPolicy.quantize_bias`), so it lands there.
+
+    Returns:
+        How many Adds were moved into Convs.
+
+    Example:
+
+    >>> biases_into_convs(onnx.load("model.onnx"))  # doctest: +SKIP
+    16
+    """
+    g = _Graph(model_proto.graph)
+    moved = 0
+    for conv in [n for n in g.graph.node if n.op_type == "Conv" and len(n.input) == 2]:
+        after = g.consumers.get(conv.output[0], [])
+        w_dq = g.producer.get(conv.input[1])
+        w = None if w_dq is None or w_dq.op_type != "DequantizeLinear" else g.const(w_dq.input[0])
+        if w is None or len(after) != 1 or after[0][0].op_type != "Add" or conv.output[0] in g.outputs:
+            continue
+        add = after[0][0]
+        bias = g.const(add.input[1 - after[0][1]])
+        channel = [1, w.shape[0]] + [1] * (w.ndim - 2)  # broadcast against (N, C, spatial...)
+        if bias is None or bias.ndim > w.ndim or [1] * (w.ndim - bias.ndim) + list(bias.shape) != channel:
+            continue
+        conv.input.append(g.add_init(conv.name + "_bias", bias.reshape(-1).astype(np.float32)))
+        conv.output[0] = add.output[0]
+        g.graph.node.remove(add)
         g.reindex()
         moved += 1
     if moved:
         _clean(g)
     return moved
+
+
+def concats_as_qlinear(model_proto) -> int:
+    """Write each quantized Concat as `DQ -> Concat -> Q`, the form onnxruntime fuses into QLinearConcat: exact.
+
+    tf2onnx moves a Concat's output Q in front of it, one per input, so the
+    Concat itself joins integer tensors: `DQ(x) -> Q -> Concat`. onnxruntime
+    runs that Concat in NCHW, between its NHWC integer convs, with Transposes
+    in and out: DenseNet121 at 96x96 ran 125 of them, 1 after this and
+    `average_pools_as_depthwise_convs`. QLinearConcat follows the convs' layout. Each input that was
+    requantized (`Q(DQ(x))`) now reaches the Concat as its own DQ of `x`, any
+    other input (an earlier Concat's, DenseNet chains them) through a DQ on
+    the Concat's grid, and one Q follows: each element is still `Q(DQ(x))`.
+
+    Returns:
+        How many Concats were rewritten.
+
+    Example:
+
+    >>> concats_as_qlinear(onnx.load("model.onnx"))  # doctest: +SKIP
+    58
+    """
+    from onnx import helper
+
+    g = _Graph(model_proto.graph)
+    changed = 0
+    for cat in [n for n in g.graph.node if n.op_type == "Concat"]:
+        sources = [g.producer.get(name) for name in cat.input]
+        if not sources or any(src is None or src.op_type != "QuantizeLinear" or len(src.input) < 3 for src in sources):
+            continue
+        scale, zero_point = sources[0].input[1:3]
+        grid = [(g.const(scale), g.const(zero_point))]
+        grid += [(g.const(src.input[1]), g.const(src.input[2])) for src in sources[1:]]
+        if any(a is None or b is None or a.size != 1 or not np.array_equal(a, grid[0][0]) or b.dtype != grid[0][1].dtype
+               or not np.array_equal(b, grid[0][1]) for a, b in grid):
+            continue
+        inputs = []
+        for name, q in zip(cat.input, sources):
+            dq = g.producer.get(q.input[0])
+            requantized = dq is not None and dq.op_type == "DequantizeLinear" and len(g.consumers[name]) == 1
+            # A DQ of its own for each input: onnxruntime fuses a node group only through DQs nothing else reads.
+            args = list(dq.input) if requantized else [name, scale, zero_point]
+            out = g.fresh(f"{cat.name}_in{len(inputs)}_dq")
+            attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute} if requantized else {}
+            g.graph.node.append(helper.make_node("DequantizeLinear", args, [out], name=out, **attrs))
+            inputs.append(out)
+        joined = g.fresh(cat.output[0] + "_float")
+        g.graph.node.append(helper.make_node("QuantizeLinear", [joined, scale, zero_point], [cat.output[0]], name=g.fresh(cat.name + "_q")))
+        cat.input[:] = inputs
+        cat.output[0] = joined
+        g.reindex()
+        changed += 1
+    if changed:
+        _clean(g)
+    return changed
+
+
+def average_pools_as_depthwise_convs(model_proto) -> int:
+    """Write each `DQ -> AveragePool -> Q` that averages no padding as a depthwise Conv of 1/k: one integer kernel.
+
+    onnxruntime would fuse the pool into QLinearAveragePool, 8-13x slower than
+    float on the CPU (see `average_pools_in_float`), but a float pool runs in
+    NCHW between NHWC integer convs, with Transposes around it and around
+    what follows: DenseNet121's 2x2 transition pools kept its Concat chains
+    in NCHW. A depthwise Conv whose k weights are all 1/k (int8 code 127,
+    scale 1/(127 k)) computes the same average as an integer conv, in the
+    convs' layout. Pools with padding that they don't count (Keras's
+    `padding="same"`) are left to `average_pools_in_float`.
+
+    Returns:
+        How many AveragePool nodes became Convs.
+
+    Example:
+
+    >>> average_pools_as_depthwise_convs(onnx.load("model.onnx"))  # doctest: +SKIP
+    3
+    """
+    from onnx import helper
+
+    g = _Graph(model_proto.graph)
+    shapes: dict[str, list] | None = None
+    changed = 0
+    for pool, dq, _, kernel, strides, pads in _pools_between_qdq(g):
+        dq_scale = g.const(dq.input[1])
+        if pool.input[0] != dq.output[0] or dq_scale is None or dq_scale.size != 1:  # not through a MaxPool
+            continue
+        if any(pads) and not _attr(pool, "count_include_pad", 0):
+            continue
+        shapes = _inferred_shapes(model_proto) if shapes is None else shapes
+        channels = (shapes.get(pool.input[0]) or [None, None])[1]
+        if not channels:
+            continue
+        weight = g.fresh(pool.name + "_weight")
+        g.graph.node.append(helper.make_node(
+            "DequantizeLinear",
+            [g.add_init(pool.name + "_weight_int8", np.full((channels, 1, *kernel), 127, np.int8)),
+             g.add_init(pool.name + "_weight_scale", np.array(1 / (127 * np.prod(kernel)), np.float32)),
+             g.add_init("zero_point_int8", np.zeros((), np.int8))],
+            [weight], name=weight,
+        ))
+        g.graph.node.append(helper.make_node(
+            "Conv", [pool.input[0], weight], [pool.output[0]], name=g.fresh(pool.name + "_as_conv"), group=channels,
+            kernel_shape=kernel, strides=strides, pads=pads,
+        ))
+        g.graph.node.remove(pool)
+        g.reindex()
+        changed += 1
+    if changed:
+        _clean(g)
+    return changed
+
+
+def _pools_between_qdq(g: _Graph):
+    """`(pool, dq, q, kernel, strides, pads)` for each AveragePool between a DequantizeLinear and a QuantizeLinear.
+
+    The DequantizeLinear may come before MaxPools (onnxruntime moves the pair
+    across them). Pools with `ceil_mode`, dilations or a SAME `auto_pad`, and
+    pools whose output leaves the graph, are not listed. Reads `g` as each
+    one is yielded, so the caller may rewrite the graph in between.
+    """
+    for pool in [n for n in g.graph.node if n.op_type == "AveragePool"]:
+        source, after = g.producer.get(pool.input[0]), g.consumers.get(pool.output[0], [])
+        while source is not None and source.op_type == "MaxPool":
+            source = g.producer.get(source.input[0])
+        if source is None or source.op_type != "DequantizeLinear" or len(after) != 1 or after[0][0].op_type != "QuantizeLinear":
+            continue
+        kernel = list(_attr(pool, "kernel_shape", []))
+        n = len(kernel)
+        if pool.output[0] in g.outputs or _attr(pool, "ceil_mode", 0) or any(d != 1 for d in _attr(pool, "dilations", [1] * n)):
+            continue
+        if _attr(pool, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
+            continue
+        yield pool, source, after[0][0], kernel, list(_attr(pool, "strides", [1] * n)), list(_attr(pool, "pads", [0] * 2 * n))
+
+
+def _inferred_shapes(model_proto) -> dict[str, list]:
+    """Every tensor's shape as onnx's shape inference finds it (None for an unknown dim)."""
+    from onnx import shape_inference
+
+    inferred = shape_inference.infer_shapes(model_proto).graph
+    return {
+        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+        for v in [*inferred.value_info, *inferred.input]
+    }
 
 
 def _pool_counts(spatial: list[int], kernel: list[int], strides: list[int], pads: list[int]) -> np.ndarray:
@@ -554,37 +781,18 @@ def average_pools_in_float(model_proto) -> int:
     >>> average_pools_in_float(onnx.load("model.onnx"))  # doctest: +SKIP
     9
     """
-    from onnx import helper, shape_inference
+    from onnx import helper
 
     g = _Graph(model_proto.graph)
     shapes: dict[str, list] | None = None
     kept = 0
-    for pool in [n for n in g.graph.node if n.op_type == "AveragePool"]:
-        source, after = g.producer.get(pool.input[0]), g.consumers.get(pool.output[0], [])
-        while source is not None and source.op_type == "MaxPool":  # onnxruntime moves the pair across it
-            source = g.producer.get(source.input[0])
-        if source is None or source.op_type != "DequantizeLinear" or len(after) != 1 or after[0][0].op_type != "QuantizeLinear":
-            continue
-        if pool.output[0] in g.outputs:
-            continue
-        q = after[0][0]
+    for pool, _, q, kernel, strides, pads in _pools_between_qdq(g):
+        n = len(kernel)
         q_scale = g.const(q.input[1])
         if q_scale is None:
             continue
-        kernel = list(_attr(pool, "kernel_shape", []))
-        n = len(kernel)
-        strides, pads = list(_attr(pool, "strides", [1] * n)), list(_attr(pool, "pads", [0] * 2 * n))
-        if _attr(pool, "ceil_mode", 0) or any(d != 1 for d in _attr(pool, "dilations", [1] * n)):
-            continue
-        if _attr(pool, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
-            continue
         if any(pads) and not _attr(pool, "count_include_pad", 0):
-            if shapes is None:
-                inferred = shape_inference.infer_shapes(model_proto).graph
-                shapes = {
-                    v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-                    for v in [*inferred.value_info, *inferred.input]
-                }
+            shapes = _inferred_shapes(model_proto) if shapes is None else shapes
             spatial = (shapes.get(pool.input[0]) or [None])[2:]
             if len(spatial) != n or None in spatial:
                 continue

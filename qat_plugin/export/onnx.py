@@ -35,7 +35,11 @@ from qat_plugin.export._qdq_graph import (
     QDQPair,
     _Graph,
     _require,
+    average_pools_as_depthwise_convs,
     average_pools_in_float,
+    biases_into_convs,
+    concats_as_qlinear,
+    max_pools_before_dequantize,
     pads_before_dequantize,
     qdq_pairs,
     quantize_like_onnx,
@@ -533,6 +537,10 @@ def export_onnx(
     if runtime == "onnxruntime":
         to_uint8_activations(proto)
         pads_before_dequantize(proto)
+        max_pools_before_dequantize(proto)
+        biases_into_convs(proto)
+        concats_as_qlinear(proto)
+        average_pools_as_depthwise_convs(proto)
         average_pools_in_float(proto)
         widened = widen_narrow_convs(proto)
         _warn_if_saturating(model)
