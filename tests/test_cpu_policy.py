@@ -704,3 +704,19 @@ def test_batchnorm_of_a_conv_kept_in_fp32_stays_float_with_it(resnet):
     report = qp.quantize_model(resnet, qp.QuantizationSpec(exclude=["stack1_conv1"]), policy="onnxruntime").qat_report
     assert report.skipped["stack1_bn1"] == "it follows 'stack1_conv1', and folds into it where that is quantized"
     assert report.skipped["stack2_bn1"] == "folded into 'stack2_conv1'"
+
+
+def test_signed_tensor_through_a_crop_reaches_an_integer_pool(tmp_path):
+    # NASNet's "adjust" path: pad, crop (a Slice), then a strided 1x1 average pool on a signed tensor. The
+    # int8 -> uint8 shift has to follow the Slice, or the pool's depthwise conv reads int8 and stays in float.
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((12, 12, 4))
+    x = L.Conv2D(16, 3, padding="same", name="c0")(inp)
+    x = L.Cropping2D(((1, 0), (1, 0)), name="crop")(L.ZeroPadding2D(((0, 1), (0, 1)), name="pad")(x))
+    x = L.Conv2D(16, 1, activation="relu", name="c1")(L.AveragePooling2D(1, strides=2, name="pool")(x))
+    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
+    data = np.random.default_rng(5).random((128, 12, 12, 4), dtype=np.float32)
+    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data)
+    report = qp.export_onnx(qmodel, tmp_path / "crop.onnx", validation_data=data)
+    assert report.float_compute == [] and report.ort_kernels["QLinearConv"] == 3, report.ort_kernels
+    assert not {"AveragePool", "QLinearAveragePool"} & set(report.ort_kernels) and report.agreement == 1.0

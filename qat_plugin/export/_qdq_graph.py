@@ -31,6 +31,8 @@ from qat_plugin.quantizers import qmax
 # Ops that only move elements: they commute with a per-tensor Q or DQ, and
 # numpy can apply them to a constant.
 _LAYOUT_OPS = ("Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
+# Ops that only select or move values: a shift of every value commutes with them (a Cropping2D is a Slice).
+_MOVE_OPS = (*_LAYOUT_OPS, "Slice")
 
 
 def _require(module: str, package: str):
@@ -425,7 +427,7 @@ def to_uint8_activations(model_proto) -> int:
             continue
         # Every tensor that must shift with q's: the DQs reading it, directly
         # or through layout ops (tf2onnx writes a Reshape for a transpose of a
-        # 1x1 map), and int8 Concats, whose inputs (Qs with the same scale,
+        # 1x1 map) and Slices (NASNet's Cropping2D), and int8 Concats, whose inputs (Qs with the same scale,
         # through layout ops, or other such Concats: DenseNet chains them)
         # shift with it (one dtype, one scale); anything else keeps int8.
         qs, dqs, tensors, todo, ok = {}, {}, [], [q.output[0]], True
@@ -444,14 +446,14 @@ def to_uint8_activations(model_proto) -> int:
                 qs[id(source)] = source
             elif source.op_type == "Concat":
                 todo += list(source.input)
-            elif source.op_type in _LAYOUT_OPS:
+            elif source.op_type in _MOVE_OPS:
                 todo.append(source.input[0])
             else:
                 ok = False
             for node, i in g.consumers.get(name, []):
                 if node.op_type == "DequantizeLinear" and i == 0:
                     dqs[id(node)] = node
-                elif (node.op_type in _LAYOUT_OPS and i == 0) or node.op_type == "Concat":
+                elif (node.op_type in _MOVE_OPS and i == 0) or node.op_type == "Concat":
                     todo.append(node.output[0])
                 else:
                     ok = False
@@ -683,8 +685,10 @@ def average_pools_as_depthwise_convs(model_proto) -> int:
     shapes: dict[str, list] | None = None
     changed = 0
     for pool, dq, _, kernel, strides, pads in _pools_between_qdq(g):
-        dq_scale = g.const(dq.input[1])
+        dq_scale, dq_zero_point = g.const(dq.input[1]), g.const(dq.input[2]) if len(dq.input) > 2 else None
         if pool.input[0] != dq.output[0] or dq_scale is None or dq_scale.size != 1:  # not through a MaxPool
+            continue
+        if dq_zero_point is None or dq_zero_point.dtype != np.uint8:  # onnxruntime's x86 integer convs read uint8 only
             continue
         if any(pads) and not _attr(pool, "count_include_pad", 0):
             continue
