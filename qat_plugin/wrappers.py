@@ -281,7 +281,10 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if self._standalone_bn:
             problem = standalone_batchnorm_problem(self.layer, input_shape)
             if problem is not None:
-                raise ValueError(f"Can't quantize BatchNormalization {self.layer.name!r} on its own: it {problem}.")
+                raise ValueError(
+                    f"Can't quantize BatchNormalization {self.layer.name!r} on its own: it {problem}. Leave it "
+                    "unwrapped (`quantize_model` keeps such a BatchNorm in float and says so in `qat_report`)."
+                )
             self._spatial_rank = len(input_shape) - 2
         super().build(input_shape)
         out_shape = self.layer.compute_output_shape(input_shape)

@@ -427,9 +427,10 @@ def to_uint8_activations(model_proto) -> int:
             continue
         # Every tensor that must shift with q's: the DQs reading it, directly
         # or through layout ops (tf2onnx writes a Reshape for a transpose of a
-        # 1x1 map) and Slices (NASNet's Cropping2D), and int8 Concats, whose inputs (Qs with the same scale,
-        # through layout ops, or other such Concats: DenseNet chains them)
-        # shift with it (one dtype, one scale); anything else keeps int8.
+        # 1x1 map) and Slices (NASNet's Cropping2D), and int8 Concats, whose
+        # inputs (Qs with the same scale, through those ops, or other such
+        # Concats: DenseNet chains them) shift with it (one dtype, one scale);
+        # anything else keeps int8.
         qs, dqs, tensors, todo, ok = {}, {}, [], [q.output[0]], True
         scale = g.const(q.input[1])
         while todo and ok:
