@@ -261,7 +261,7 @@ def calibrate(
                     f"Layer {w.inner_name!r} was not reached by the calibration data, so its "
                     f"{row['label']} range is unknown; calibrate with inputs that reach every layer."
                 )
-            amax = max(collector.compute_amax(method, percentile, row["quantizer"].bits), _MIN_AMAX)
+            amax = row["quantizer"].fixed_amax or max(collector.compute_amax(method, percentile, row["quantizer"].bits), _MIN_AMAX)
             w.amax_variable(row["slot"]).assign(amax)
             key = f"{w.inner_name}/{row['label']}"
             ranges[key] = float(amax)

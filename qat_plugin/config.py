@@ -319,6 +319,14 @@ class PlacementPolicy:
             kernel, where a float scale and shift cost a dequantize, two
             float ops and a requantize (and, in onnxruntime, layout
             transposes around them).
+        quantize_elementwise: `Activation` layers computing hard swish, swish
+            or sigmoid, and two-input `Multiply` layers (squeeze-and-excite),
+            get quantizers of their own: an output, and for the swishes a
+            grid between their two halves (the gate, `relu6(x + 3)` or
+            `sigmoid(x)`). Integer runtimes then run them as integer ops
+            (onnxruntime: QLinearAdd, QLinearSigmoid, QLinearMul), where a
+            float activation costs a dequantize, three or four float ops and
+            a requantize on a whole feature map (MobileNetV3, EfficientNet).
         fuse_activations: a ReLU right after a quantized layer moves into its
             wrapper, so the output quantizer sits after it (unsigned: a
             ReLU's output is never negative). Integer runtimes then drop the
@@ -347,6 +355,7 @@ class PlacementPolicy:
     residual_add: str = "one_unquantized"
     fold_batchnorm: bool = False
     standalone_batchnorm: bool = False
+    quantize_elementwise: bool = False
     fuse_activations: bool = False
     reuse_output_ranges: bool = False
     quantize_bias: bool = False
@@ -369,6 +378,11 @@ class PlacementPolicy:
                 "`standalone_batchnorm=True` quantizes a BatchNorm's scale and output, so it needs "
                 "`quantize_weights=True` and `quantize_outputs=True`."
             )
+        if self.quantize_elementwise and not self.quantize_outputs:
+            raise SpecError(
+                "`quantize_elementwise=True` gives activations and multiplies their own output grid, so it "
+                "needs `quantize_outputs=True`."
+            )
         if self.reuse_output_ranges and not self.quantize_outputs:
             raise SpecError("`reuse_output_ranges=True` reuses output quantizers, so it needs `quantize_outputs=True`.")
 
@@ -386,6 +400,7 @@ ONNXRUNTIME = PlacementPolicy(
     residual_add="all",
     fold_batchnorm=True,
     standalone_batchnorm=True,
+    quantize_elementwise=True,
     fuse_activations=True,
     reuse_output_ranges=True,
     quantize_bias=True,

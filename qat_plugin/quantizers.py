@@ -84,6 +84,15 @@ def fake_quant_per_channel(w, amax, axis: int, bits: int = 8):
     )
 
 
+def sigmoid_amax(bits: int = 8) -> float:
+    """The range of a sigmoid's unsigned grid: steps of `2**-bits`, TFLite's LOGISTIC output grid.
+
+    >>> sigmoid_amax(8) * 256
+    255.0
+    """
+    return (2**bits - 1) / 2**bits
+
+
 @keras.saving.register_keras_serializable(package="qat_plugin")
 class TensorQuantizer(keras.quantizers.Quantizer):
     """Describes one fake quantizer: bit width and (for weights) channel axis.
@@ -99,6 +108,10 @@ class TensorQuantizer(keras.quantizers.Quantizer):
             range for the whole tensor.
         unsigned: for tensors that are never negative (after a ReLU): the
             grid is [0, 2**bits - 1] over [0, amax]. Per tensor only.
+        fixed_amax: a range the function sets, kept through calibration and
+            training: `sigmoid_amax(bits)` for a sigmoid's output, the grid
+            TFLite's int8 LOGISTIC writes (with a calibrated one the
+            converter adds a requantize, and the file drifts a step).
 
     Example:
 
@@ -112,7 +125,12 @@ class TensorQuantizer(keras.quantizers.Quantizer):
     """
 
     def __init__(
-        self, bits: int = 8, axis: int | None = None, output_dtype: str | None = None, unsigned: bool = False
+        self,
+        bits: int = 8,
+        axis: int | None = None,
+        output_dtype: str | None = None,
+        unsigned: bool = False,
+        fixed_amax: float | None = None,
     ):
         super().__init__(output_dtype=output_dtype or ("uint8" if unsigned else "int8"))
         self.bits = check_bits(bits)
@@ -122,6 +140,9 @@ class TensorQuantizer(keras.quantizers.Quantizer):
             raise ValueError("An unsigned quantizer is per tensor (for activations); pass axis=None.")
         self.axis = axis
         self.unsigned = bool(unsigned)
+        if fixed_amax is not None and (axis is not None or not float(fixed_amax) > 0):
+            raise ValueError(f"`fixed_amax` is a positive per-tensor range. Received: fixed_amax={fixed_amax!r}, axis={axis!r}")
+        self.fixed_amax = None if fixed_amax is None else float(fixed_amax)
 
     @property
     def per_channel(self) -> bool:
@@ -158,11 +179,15 @@ class TensorQuantizer(keras.quantizers.Quantizer):
         return self.quantize(x, self.compute_amax(x) if amax is None else amax)
 
     def get_config(self) -> dict:
-        return {"bits": self.bits, "axis": self.axis, "output_dtype": self.output_dtype, "unsigned": self.unsigned}
+        return {
+            "bits": self.bits, "axis": self.axis, "output_dtype": self.output_dtype, "unsigned": self.unsigned,
+            "fixed_amax": self.fixed_amax,
+        }
 
     def __eq__(self, other):
         return isinstance(other, TensorQuantizer) and self.get_config() == other.get_config()
 
     def __repr__(self):
         unsigned = ", unsigned=True" if self.unsigned else ""
-        return f"TensorQuantizer(bits={self.bits}, axis={self.axis}{unsigned})"
+        fixed = f", fixed_amax={self.fixed_amax}" if self.fixed_amax is not None else ""
+        return f"TensorQuantizer(bits={self.bits}, axis={self.axis}{unsigned}{fixed})"

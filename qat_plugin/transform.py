@@ -23,12 +23,15 @@ from qat_plugin.config import (
     name_matches,
 )
 from qat_plugin.errors import AlreadyQuantizedError, SpecError, UnsupportedModelError
-from qat_plugin.quantizers import TensorQuantizer
+from qat_plugin.quantizers import TensorQuantizer, sigmoid_amax
 from qat_plugin.wrappers import (
     ON_GRID_LAYERS,
     SEPARABLE_CONVS,
     Absorbed,
+    GATED_ACTIVATIONS,
     QuantizeWrapper,
+    activation_name,
+    elementwise_problem,
     foldable_attr,
     is_relu,
     layer_kind,
@@ -223,6 +226,23 @@ def _owner(tensor, owners: dict[int, object]):
         tensor = op._inbound_nodes[history.node_index].input_tensors[0]
 
 
+def _never_negative(tensor) -> bool:
+    """Whether `tensor` is a ReLU's output, or that times a positive number (`relu6(x + 3) * (1 / 6)`)."""
+    while True:
+        history = getattr(tensor, "_keras_history", None)
+        if history is None:
+            return False
+        op = history.operation
+        if is_relu(op):
+            return True
+        if type(op).__name__ not in ("Multiply", "Divide", "TrueDivide") or isinstance(op, keras.layers.Layer):
+            return False
+        args = op._inbound_nodes[history.node_index].arguments.args
+        if len(args) != 2 or not isinstance(args[1], (int, float)) or args[1] <= 0:
+            return False
+        tensor = args[0]
+
+
 def _check_names(spec: QuantizationSpec, layers: list) -> None:
     names = [layer.name for layer in layers]
     groups = [("layers", spec.layers or ()), ("exclude", spec.exclude), ("overrides", tuple(spec.overrides))]
@@ -257,6 +277,49 @@ def _batchnorm_problem(layer, policy: PlacementPolicy) -> str | None:
     return None if problem is None else f"it {problem}"
 
 
+def _elementwise_problem(layer, policy: PlacementPolicy) -> str | None:
+    """Why an Activation or Multiply layer stays in float under `policy`; None if it is quantized."""
+    what = type(layer).__name__
+    if not policy.quantize_elementwise:
+        return f"policy {policy.name!r} leaves {what} layers in float"
+    if len(layer._inbound_nodes) != 1:
+        return f"a shared {what} layer stays in float"
+    problem = elementwise_problem(layer, _num_inputs(layer))
+    return None if problem is None else f"it {problem}"
+
+
+def _gate_quantized(layer, policy: PlacementPolicy) -> bool:
+    """Whether a swish gets a grid on its gate: onnxruntime runs its halves as two integer ops.
+
+    TFLite's converter fuses a hard swish with none into its own int8
+    HARD_SWISH op, and leaves the product in float with one.
+    """
+    name = activation_name(layer) if isinstance(layer, keras.layers.Activation) else None
+    return bool(GATED_ACTIVATIONS.get(name)) and not (name == "hard_silu" and policy.runtime == "tflite")
+
+
+def _policy_problem(layer, policy: PlacementPolicy) -> str | None:
+    """Why `policy` keeps a layer of a kind it quantizes only in some places in float; None otherwise."""
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return _batchnorm_problem(layer, policy)
+    if isinstance(layer, (keras.layers.Activation, keras.layers.Multiply)):
+        return _elementwise_problem(layer, policy)
+    return None
+
+
+_POLICY_HINT = {
+    "BatchNormalization": (
+        "A BatchNorm right after a conv folds into it under the 'onnxruntime' and 'tflite' policies; one after a "
+        "concat or an add is quantized on its own there (`PlacementPolicy.standalone_batchnorm`)."
+    ),
+    "Activation": (
+        f"Activations {sorted(GATED_ACTIVATIONS)} and two-input multiplies are quantized under the 'onnxruntime' "
+        "and 'tflite' policies (`PlacementPolicy.quantize_elementwise`); a ReLU fuses into the layer before it."
+    ),
+}
+_POLICY_HINT["Multiply"] = _POLICY_HINT["Activation"]
+
+
 def _selected(layer, spec: QuantizationSpec, policy: PlacementPolicy) -> tuple[bool, str]:
     name = layer.name
     if any(name_matches(p, name) for p in spec.exclude) or class_matches(spec.exclude_types, layer):
@@ -265,11 +328,11 @@ def _selected(layer, spec: QuantizationSpec, policy: PlacementPolicy) -> tuple[b
         return False, "rejected by `filters`"
     named = spec.layers is not None and any(name_matches(p, name) for p in spec.layers)
     typed = class_matches(spec.layer_types, layer)
-    bn_problem = _batchnorm_problem(layer, policy) if isinstance(layer, keras.layers.BatchNormalization) else None
+    problem = _policy_problem(layer, policy)
     if spec.layers is None and not spec.layer_types:
         if layer_kind(layer) is None:
             return False, "not a quantizable kind"
-        return (True, "selected") if bn_problem is None else (False, bn_problem)
+        return (True, "selected") if problem is None else (False, problem)
     if named or typed:
         if layer_kind(layer) is None:
             raise SpecError(
@@ -277,12 +340,9 @@ def _selected(layer, spec: QuantizationSpec, policy: PlacementPolicy) -> tuple[b
                 f"quantizes (supported: {supported_types()}). Quantize its inputs with a pattern hook, "
                 "or teach qat-plugin the kind with `qat_plugin.register_layer`."
             )
-        if bn_problem is not None:
-            raise SpecError(
-                f"Layer {name!r} (BatchNormalization) is selected by the spec, but {bn_problem}. A BatchNorm "
-                "right after a conv folds into it under the 'onnxruntime' and 'tflite' policies; one after a "
-                "concat or an add is quantized on its own there (`PlacementPolicy.standalone_batchnorm`)."
-            )
+        if problem is not None:
+            kind = next(k for k in _POLICY_HINT if class_matches((k,), layer))
+            raise SpecError(f"Layer {name!r} ({kind}) is selected by the spec, but {problem}. {_POLICY_HINT[kind]}")
         return True, "selected"
     return False, "not selected by the spec"
 
@@ -371,18 +431,32 @@ def plan_quantization(model: keras.Model, spec: QuantizationSpec, policy: Placem
             tensors = layer._inbound_nodes[0].input_tensors
             inputs = tuple(i for i in inputs if _owner(tensors[i], quantized_tail) is None)
         fused = absorbed.get(id(layer), {})
-        unsigned = is_relu(fused.get("activation") or layer)
-        output = TensorQuantizer(a_bits, unsigned=unsigned) if chosen and policy.quantize_outputs else None
+        last = fused.get("activation") or layer
+        sigmoid = activation_name(last) == "sigmoid"
+        output = (
+            TensorQuantizer(a_bits, unsigned=is_relu(last) or sigmoid, fixed_amax=sigmoid_amax(a_bits) if sigmoid else None)
+            if chosen and policy.quantize_outputs else None
+        )
         if chosen and not (inputs or weights or output):
             chosen, reason = False, "no quantizer left after the spec's overrides"
         if chosen:
-            slots = [TensorQuantizer(a_bits) if i in inputs else None for i in range(max(inputs) + 1)] if inputs else []
+            # Unsigned where the input is never negative: its grid's floor is then a ReLU's clip.
+            tensors = layer._inbound_nodes[0].input_tensors if layer._inbound_nodes else []
+            slots = [
+                TensorQuantizer(a_bits, unsigned=policy.quantize_elementwise and i < len(tensors) and _never_negative(tensors[i]))
+                if i in inputs else None
+                for i in range(max(inputs) + 1)
+            ] if inputs else []
             plan[id(layer)] = dict(input_quantizers=slots, weight_quantizers=weights, output_quantizer=output, **fused)
             if policy.quantize_bias and weights:
                 plan[id(layer)]["quantize_bias"] = True
             if policy.quantize_outputs and weights and isinstance(layer, SEPARABLE_CONVS):
                 # Integer runtimes run the two halves as two convs: the tensor between them needs a grid too.
                 plan[id(layer)]["intermediate_quantizer"] = TensorQuantizer(a_bits)
+            if _gate_quantized(layer, policy):
+                # The gate (relu6(x + 3), sigmoid(x)) is never negative; a sigmoid's grid is fixed.
+                fixed = sigmoid_amax(a_bits) if activation_name(layer) == "silu" else None
+                plan[id(layer)]["intermediate_quantizer"] = TensorQuantizer(a_bits, unsigned=True, fixed_amax=fixed)
         decisions.append(LayerDecision(layer.name, type(layer).__name__, chosen, reason))
     if not plan:
         raise SpecError(

@@ -103,6 +103,10 @@ for _cls in (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose):
 register_layer(L.BatchNormalization, [("gamma", -2)])
 register_layer(L.Add, inputs="residual")
 register_layer(L.Concatenate, inputs="all")
+# Quantized only where a policy asks for it (`PlacementPolicy.quantize_elementwise`)
+# and only what integer runtimes have ops for (`elementwise_problem`).
+register_layer(L.Activation)
+register_layer(L.Multiply, inputs="all")
 for _cls in (
     L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
     L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
@@ -150,6 +154,34 @@ def standalone_batchnorm_problem(layer, input_shape) -> str | None:
     return None
 
 
+# Activation functions an integer runtime computes from integer ops, and
+# whether the wrapper puts a grid on their gate (`relu6(x + 3)`, `sigmoid(x)`):
+# onnxruntime runs hard swish as QLinearAdd then QLinearMul (the gate's
+# ReLU6 is its grid's clip, the / 6 its scale), swish as QLinearSigmoid then
+# QLinearMul, sigmoid as QLinearSigmoid.
+GATED_ACTIVATIONS = {"hard_silu": True, "silu": True, "sigmoid": False}
+
+
+def activation_name(layer) -> str | None:
+    fn = getattr(layer, "activation", None)
+    return getattr(fn, "__name__", None)
+
+
+def elementwise_problem(layer, num_inputs: int) -> str | None:
+    """Why an `Activation` or `Multiply` layer can't run as integer ops; None if it can."""
+    if isinstance(layer, keras.layers.Multiply):
+        if num_inputs != 2:
+            return f"multiplies {num_inputs} tensors, and integer runtimes multiply two at a time"
+        return None
+    name = activation_name(layer)
+    if name not in GATED_ACTIVATIONS:
+        return (
+            f"computes {name!r}, and only {sorted(GATED_ACTIVATIONS)} run as integer ops (a ReLU "
+            "fuses into the layer before it)"
+        )
+    return None
+
+
 def _weight_label(attr: str, n_weights: int) -> str:
     return "weight" if n_weights == 1 else f"weight_{attr.lstrip('_')}"
 
@@ -190,7 +222,12 @@ class QuantizeWrapper(keras.layers.Wrapper):
         intermediate_quantizer: for a separable conv, a `TensorQuantizer`
             between its depthwise and pointwise halves (the wrapper then
             runs them as two convs), so integer runtimes run both in
-            integer kernels; `None` runs the layer's own fused op.
+            integer kernels; `None` runs the layer's own fused op. For an
+            `Activation` computing a swish (`"swish"`/`"silu"`,
+            `"hard_swish"`/`"hard_silu"`), the grid of its gate: the wrapper
+            then computes `x * q(sigmoid(x))` or `x * (q(relu6(x + 3)) / 6)`,
+            Keras's formulas with the gate quantized, which integer runtimes
+            run as two integer ops.
         quantize_bias: round the (folded) bias to the grid an integer
             kernel adds it on: steps of input scale x weight scale, per
             channel (int32 in onnxruntime's QLinearConv and TFLite). The
@@ -233,11 +270,13 @@ class QuantizeWrapper(keras.layers.Wrapper):
         self.weight_quantizers = {k: self._quantizer(q) for k, q in (weight_quantizers or {}).items()}
         self.output_quantizer = self._quantizer(output_quantizer)
         self.intermediate_quantizer = self._quantizer(intermediate_quantizer)
-        if self.intermediate_quantizer is not None and not isinstance(layer, SEPARABLE_CONVS):
+        self._gated = isinstance(layer, keras.layers.Activation) and GATED_ACTIVATIONS.get(activation_name(layer), False)
+        if self.intermediate_quantizer is not None and not (isinstance(layer, SEPARABLE_CONVS) or self._gated):
             raise ValueError(
-                f"`intermediate_quantizer` is for separable convs; {layer.name!r} is a {type(layer).__name__}."
+                f"`intermediate_quantizer` is for separable convs and swish activations (the grid of their "
+                f"gate); {layer.name!r} is a {type(layer).__name__}."
             )
-        if not (any(self.input_quantizers) or self.weight_quantizers or self.output_quantizer):
+        if not (any(self.input_quantizers) or self.weight_quantizers or self.output_quantizer or self.intermediate_quantizer):
             raise ValueError(f"QuantizeWrapper around {layer.name!r} has no quantizer: pass at least one.")
         if getattr(layer, "lora_enabled", False):
             raise ValueError(f"Layer {layer.name!r} has LoRA enabled; merge or disable LoRA before quantizing it.")
@@ -295,22 +334,24 @@ class QuantizeWrapper(keras.layers.Wrapper):
             if not hasattr(self.layer, attr):
                 raise ValueError(f"Layer {self.layer.name!r} has no weight attribute {attr!r} to quantize.")
         self.input_amax = [
-            None if q is None else self._add_amax(f"input_{i}_amax")
+            None if q is None else self._add_amax(f"input_{i}_amax", q)
             for i, q in enumerate(self.input_quantizers)
         ]
-        self.output_amax = (
-            None
-            if self.output_quantizer is None
-            else self._add_amax("output_amax")
+        self.output_amax = None if self.output_quantizer is None else self._add_amax("output_amax", self.output_quantizer)
+        self.intermediate_amax = (
+            None if self.intermediate_quantizer is None else self._add_amax("intermediate_amax", self.intermediate_quantizer)
         )
-        self.intermediate_amax = None if self.intermediate_quantizer is None else self._add_amax("intermediate_amax")
         self.built = True
 
-    def _add_amax(self, name: str):
+    def _add_amax(self, name: str, quantizer: TensorQuantizer):
+        fixed = quantizer.fixed_amax
+        initializer = "zeros" if fixed is None else keras.initializers.Constant(fixed)
         # "mean" lets replicas update the range under tf.distribute.
-        return self.add_weight(name=name, shape=(), initializer="zeros", trainable=False, aggregation="mean")
+        return self.add_weight(name=name, shape=(), initializer=initializer, trainable=False, aggregation="mean")
 
     def _fake_quant(self, q: TensorQuantizer, amax, x, training):
+        if q.fixed_amax is not None:
+            return q.quantize(x, ops.cast(q.fixed_amax, x.dtype))
         if self.track_ranges and training:
             batch_amax = ops.max(ops.abs(ops.cast(x, amax.dtype)))
             amax.assign(RANGE_MOMENTUM * amax + (1.0 - RANGE_MOMENTUM) * batch_amax)
@@ -341,7 +382,12 @@ class QuantizeWrapper(keras.layers.Wrapper):
             kwargs["training"] = training
         x = self._quantize_inputs(inputs, training)
         calibrating = self._calibration_hook is not None
-        y = self._batchnorm_call(x, calibrating) if self._standalone_bn else self._layer_call(x, calibrating, training, kwargs)
+        if self._standalone_bn:
+            y = self._batchnorm_call(x, calibrating)
+        elif self._gated and self.intermediate_quantizer is not None:
+            y = self._gated_call(x, training)
+        else:
+            y = self._layer_call(x, calibrating, training, kwargs)
         if self.activation is not None:
             y = self.activation(y)
         if self.output_quantizer is not None:
@@ -417,15 +463,25 @@ class QuantizeWrapper(keras.layers.Wrapper):
             x, layer.depthwise_kernel, strides=layer.strides, padding=layer.padding,
             dilation_rate=layer.dilation_rate, data_format=layer.data_format,
         )
-        if self._calibration_hook is not None:
-            self._calibration_hook(self, ("intermediate", 0), y)
-        else:
-            y = self._fake_quant(self.intermediate_quantizer, self.intermediate_amax, y, training)
+        y = self._intermediate(y, training)
         y = ops.conv(y, layer.pointwise_kernel, strides=1, padding="valid", data_format=layer.data_format)
         if layer.use_bias:
             shape = (1,) * (layer.rank + 1) + (layer.filters,) if layer.data_format == "channels_last" else (1, layer.filters) + (1,) * layer.rank
             y = ops.add(y, ops.reshape(layer.bias, shape))
         return y if layer.activation is None else layer.activation(y)
+
+    def _intermediate(self, y, training):
+        if self._calibration_hook is not None:
+            self._calibration_hook(self, ("intermediate", 0), y)
+            return y
+        return self._fake_quant(self.intermediate_quantizer, self.intermediate_amax, y, training)
+
+    def _gated_call(self, x, training):
+        """A swish as its gate, the intermediate quantizer, and the product (Keras's own formulas)."""
+        if activation_name(self.layer) == "hard_silu":
+            gate = self._intermediate(ops.relu6(x + 3.0), training)
+            return x * (gate / 6.0)
+        return x * self._intermediate(ops.sigmoid(x), training)
 
     def _input_grid(self):
         """`(quantizer, amax)` of the grid the first input is on, or None where it isn't on one."""

@@ -824,6 +824,182 @@ def average_pools_in_float(model_proto) -> int:
     return kept
 
 
+def _scalar(g: _Graph, name: str) -> float | None:
+    """The value of a one-element float constant, else None."""
+    value = g.const(name)
+    if value is None or value.size != 1 or value.dtype.kind != "f" or not np.isfinite(value).all():
+        return None
+    return float(value.reshape(-1)[0])
+
+
+def _per_tensor_dq(g: _Graph, name: str):
+    """The per-tensor DequantizeLinear (with a zero point) that makes `name`, else None."""
+    dq = g.producer.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+        return None
+    scale, zp = g.const(dq.input[1]), g.const(dq.input[2])
+    if scale is None or zp is None or scale.size != 1 or zp.size != 1 or g.const(dq.input[0]) is not None:
+        return None
+    return dq
+
+
+def _sole_quantize(g: _Graph, name: str):
+    """The QuantizeLinear that is the only reader of `name` (not a graph output), else None."""
+    readers = g.consumers.get(name, [])
+    if name in g.outputs or len(readers) != 1 or readers[0][0].op_type != "QuantizeLinear" or readers[0][1] != 0:
+        return None
+    return readers[0][0]
+
+
+def scales_into_qdq(model_proto) -> int:
+    """Fold a Mul or Div by a positive scalar next to a per-tensor Q/DQ into its scale.
+
+    Two cases, each the same values to a float rounding:
+
+    - `DQ(x; s) -> Div(6)` becomes `DQ(x; s / 6)`. A quantized hard swish is
+      `x * (DQ(Q(relu6(x + 3))) / 6)`, and onnxruntime fuses a Mul into
+      QLinearMul only where both of its inputs come straight from
+      DequantizeLinears.
+    - `Mul(1 / 6) -> Q(y; s)`, the Mul's only reader, becomes `Q(y; 6 s)`
+      (its DequantizeLinears keep `s`: they still dequantize the same
+      codes). MobileNetV3's squeeze-and-excite hard sigmoid,
+      `relu6(x + 3) * (1 / 6)`, then ends in `Add -> Clip -> Q`, which
+      `clips_into_quantize` and `constants_as_dequantized` make a QLinearAdd.
+
+    Returns:
+        How many Mul/Div nodes were folded.
+
+    Example:
+
+    >>> scales_into_qdq(onnx.load("model.onnx"))  # doctest: +SKIP
+    9
+    """
+    g = _Graph(model_proto.graph)
+    folded = 0
+    for node in [n for n in g.graph.node if n.op_type in ("Mul", "Div") and len(n.input) == 2]:
+        if node.output[0] in g.outputs:
+            continue
+        sides = (0, 1) if node.op_type == "Mul" else (0,)  # x / c only, not c / x
+        for i in sides:
+            c = _scalar(g, node.input[1 - i])
+            if c is None or c <= 0:
+                continue
+            factor = np.float32(c) if node.op_type == "Mul" else np.float32(1) / np.float32(c)
+            dq, q = _per_tensor_dq(g, node.input[i]), _sole_quantize(g, node.output[0])
+            if dq is not None and len(g.consumers.get(dq.output[0], [])) == 1 and dq.output[0] not in g.outputs:
+                dq.input[1] = g.add_init(dq.name + "_scale", g.const(dq.input[1]).astype(np.float32) * factor)
+                dq.output[0] = node.output[0]
+            elif q is not None and g.const(q.input[1]) is not None and g.const(q.input[1]).size == 1:
+                q.input[1] = g.add_init(q.name + "_scale", g.const(q.input[1]).astype(np.float32) / factor)
+                q.input[0] = node.input[i]
+            else:
+                continue
+            g.graph.node.remove(node)
+            g.reindex()
+            folded += 1
+            break
+    if folded:
+        _clean(g)
+    return folded
+
+
+def constants_as_dequantized(model_proto) -> int:
+    """Give a scalar constant operand of a quantized Add/Sub/Mul a DequantizeLinear of its own: exact.
+
+    `DQ(x) -> Add(3) -> Q` becomes `DQ(x), DQ(1; scale 3) -> Add -> Q`,
+    which onnxruntime fuses into QLinearAdd (it fuses binary ops only where
+    every input is dequantized). The constant is stored as the code 1 (or
+    -1) with its magnitude as the scale, so it dequantizes to itself.
+
+    Returns:
+        How many constants were given a DequantizeLinear.
+
+    Example:
+
+    >>> constants_as_dequantized(onnx.load("model.onnx"))  # doctest: +SKIP
+    9
+    """
+    g = _Graph(model_proto.graph)
+    changed = 0
+    for node in [n for n in g.graph.node if n.op_type in ("Add", "Sub", "Mul") and len(n.input) == 2]:
+        if _sole_quantize(g, node.output[0]) is None:
+            continue
+        for i in (0, 1):
+            dq, c = _per_tensor_dq(g, node.input[1 - i]), _scalar(g, node.input[i])
+            if dq is None or c is None:
+                continue
+            zp_type = g.const(dq.input[2]).dtype
+            code, zp = (1, 0) if c > 0 else (0, 0) if c == 0 else ((0, 1) if zp_type == np.uint8 else (-1, 0))
+            shape = g.const(node.input[i]).shape
+            name = g.fresh(f"{node.name}_constant_dq")
+            g.graph.node.append(_make_dq(
+                g, name, np.full(shape, code, zp_type), np.float32(abs(c) or 1.0), np.array(zp, zp_type)
+            ))
+            node.input[i] = name
+            g.reindex()
+            changed += 1
+            break
+    if changed:
+        _clean(g)
+    return changed
+
+
+def _make_dq(g: _Graph, name: str, codes: np.ndarray, scale, zero_point: np.ndarray):
+    from onnx import helper
+
+    inputs = [g.add_init(name + "_codes", codes), g.add_init(name + "_scale", np.asarray(scale, np.float32)),
+              g.add_init(name + "_zero_point", zero_point)]
+    return helper.make_node("DequantizeLinear", inputs, [name], name=name)
+
+
+def clips_into_quantize(model_proto) -> int:
+    """Drop a Clip or Relu whose only reader is a QuantizeLinear that saturates at its bounds anyway: exact.
+
+    A hard swish's gate is `relu6(x + 3)` on an unsigned grid whose top is
+    the gate's calibrated maximum, 6 or less: `Q(clip(v, 0, 6)) == Q(v)` for
+    every `v` where the grid's ends lie within half a step of the clip's.
+    onnxruntime drops such a Clip itself only where the grid's top is at
+    most 6 in float, and a top of exactly 6 (`255 * (6 / 255)`) can land a
+    rounding above it; with the Clip left in, the Add before it can't fuse.
+
+    Returns:
+        How many Clip/Relu nodes were dropped.
+
+    Example:
+
+    >>> clips_into_quantize(onnx.load("model.onnx"))  # doctest: +SKIP
+    9
+    """
+    g = _Graph(model_proto.graph)
+    dropped = 0
+    for clip in [n for n in g.graph.node if n.op_type in ("Clip", "Relu")]:
+        q = _sole_quantize(g, clip.output[0])
+        if q is None or len(q.input) < 3:
+            continue
+        scale, zp = g.const(q.input[1]), g.const(q.input[2])
+        if scale is None or zp is None or scale.size != 1 or zp.size != 1:
+            continue
+        low, high = (-np.inf, np.inf) if clip.op_type == "Clip" else (0.0, np.inf)
+        if clip.op_type == "Clip":
+            bounds = [g.const(name) if name else None for name in list(clip.input[1:3]) + [""] * (3 - len(clip.input))]
+            if any(name and b is None for name, b in zip(list(clip.input[1:3]), bounds)):
+                continue
+            low = -np.inf if bounds[0] is None else float(bounds[0])
+            high = np.inf if bounds[1] is None else float(bounds[1])
+        info = np.iinfo(zp.dtype)
+        step, z = float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0])
+        if (info.min - z) * step < low - step / 2 or (info.max - z) * step > high + step / 2:
+            continue
+        for node, i in g.consumers.get(clip.output[0], []):
+            node.input[i] = clip.input[0]
+        g.graph.node.remove(clip)
+        g.reindex()
+        dropped += 1
+    if dropped:
+        _clean(g)
+    return dropped
+
+
 def _image_route(g: _Graph, x_dq, channels: int, rank: int):
     """`(graph input, Q)` when `x_dq` reads `Q(to_channels_first(graph input))`, a float channels-last input.
 

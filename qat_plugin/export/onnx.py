@@ -38,12 +38,15 @@ from qat_plugin.export._qdq_graph import (
     average_pools_as_depthwise_convs,
     average_pools_in_float,
     biases_into_convs,
+    clips_into_quantize,
     concats_as_qlinear,
+    constants_as_dequantized,
     max_pools_before_dequantize,
     pads_before_dequantize,
     qdq_pairs,
     quantize_like_onnx,
     rewrite_qdq,
+    scales_into_qdq,
     to_uint8_activations,
     widen_narrow_convs,
 )
@@ -536,6 +539,9 @@ def export_onnx(
     widened: dict[str, str] = {}
     if runtime == "onnxruntime":
         to_uint8_activations(proto)
+        scales_into_qdq(proto)
+        clips_into_quantize(proto)
+        constants_as_dequantized(proto)
         pads_before_dequantize(proto)
         max_pools_before_dequantize(proto)
         biases_into_convs(proto)
