@@ -323,10 +323,13 @@ class PlacementPolicy:
             or sigmoid, and two-input `Multiply` layers (squeeze-and-excite),
             get quantizers of their own: an output, and for the swishes a
             grid between their two halves (the gate, `relu6(x + 3)` or
-            `sigmoid(x)`). Integer runtimes then run them as integer ops
-            (onnxruntime: QLinearAdd, QLinearSigmoid, QLinearMul), where a
-            float activation costs a dequantize, three or four float ops and
-            a requantize on a whole feature map (MobileNetV3, EfficientNet).
+            `sigmoid(x)`); a conv or dense layer whose own activation is one
+            of these gets a grid before it too. Integer runtimes then run
+            them as integer ops (onnxruntime: QLinearAdd, QLinearSigmoid,
+            QLinearMul), where a float activation costs a dequantize, three
+            or four float ops and a requantize on a whole feature map
+            (MobileNetV3, EfficientNet), and a conv with its own swish ran
+            in float.
         fuse_activations: a ReLU right after a quantized layer moves into its
             wrapper, so the output quantizer sits after it (unsigned: a
             ReLU's output is never negative). Integer runtimes then drop the

@@ -288,13 +288,22 @@ def _elementwise_problem(layer, policy: PlacementPolicy) -> str | None:
     return None if problem is None else f"it {problem}"
 
 
+def _activation_split(layer) -> bool:
+    """Whether a weighted layer's own activation is one that runs as integer ops after the layer."""
+    return not isinstance(layer, SEPARABLE_CONVS) and activation_name(layer) in GATED_ACTIVATIONS
+
+
 def _gate_quantized(layer, policy: PlacementPolicy) -> bool:
-    """Whether a swish gets a grid on its gate: onnxruntime runs its halves as two integer ops.
+    """Whether a swish (an Activation's, or a conv's own) gets a grid on its gate: onnxruntime runs its halves as two integer ops.
 
     TFLite's converter fuses a hard swish with none into its own int8
     HARD_SWISH op, and leaves the product in float with one.
     """
-    name = activation_name(layer) if isinstance(layer, keras.layers.Activation) else None
+    if not policy.quantize_elementwise:
+        return False
+    if not isinstance(layer, keras.layers.Activation) and not (layer_kind(layer).weights and _activation_split(layer)):
+        return False
+    name = activation_name(layer)
     return bool(GATED_ACTIVATIONS.get(name)) and not (name == "hard_silu" and policy.runtime == "tflite")
 
 
@@ -453,10 +462,13 @@ def plan_quantization(model: keras.Model, spec: QuantizationSpec, policy: Placem
             if policy.quantize_outputs and weights and isinstance(layer, SEPARABLE_CONVS):
                 # Integer runtimes run the two halves as two convs: the tensor between them needs a grid too.
                 plan[id(layer)]["intermediate_quantizer"] = TensorQuantizer(a_bits)
+            if policy.quantize_elementwise and weights and _activation_split(layer):
+                # The layer's own swish or sigmoid runs after a grid on its linear output, as an integer op.
+                plan[id(layer)]["intermediate_quantizer"] = TensorQuantizer(a_bits)
             if _gate_quantized(layer, policy):
                 # The gate (relu6(x + 3), sigmoid(x)) is never negative; a sigmoid's grid is fixed.
                 fixed = sigmoid_amax(a_bits) if activation_name(layer) == "silu" else None
-                plan[id(layer)]["intermediate_quantizer"] = TensorQuantizer(a_bits, unsigned=True, fixed_amax=fixed)
+                plan[id(layer)]["gate_quantizer"] = TensorQuantizer(a_bits, unsigned=True, fixed_amax=fixed)
         decisions.append(LayerDecision(layer.name, type(layer).__name__, chosen, reason))
     if not plan:
         raise SpecError(

@@ -222,12 +222,17 @@ class QuantizeWrapper(keras.layers.Wrapper):
         intermediate_quantizer: for a separable conv, a `TensorQuantizer`
             between its depthwise and pointwise halves (the wrapper then
             runs them as two convs), so integer runtimes run both in
-            integer kernels; `None` runs the layer's own fused op. For an
-            `Activation` computing a swish (`"swish"`/`"silu"`,
-            `"hard_swish"`/`"hard_silu"`), the grid of its gate: the wrapper
-            then computes `x * q(sigmoid(x))` or `x * (q(relu6(x + 3)) / 6)`,
-            Keras's formulas with the gate quantized, which integer runtimes
-            run as two integer ops.
+            integer kernels; `None` runs the layer's own fused op. For a
+            conv or dense layer whose own activation is a swish or a
+            sigmoid (`Conv2D(..., activation="swish")`), the grid of its
+            output before that activation, so integer runtimes run the conv
+            as an integer kernel and the activation after it.
+        gate_quantizer: for a swish (`"swish"`/`"silu"`,
+            `"hard_swish"`/`"hard_silu"`: an `Activation` layer's, or a
+            layer's own), the grid of its gate: the wrapper then computes
+            `x * q(sigmoid(x))` or `x * (q(relu6(x + 3)) / 6)`, Keras's
+            formulas with the gate quantized, which integer runtimes run as
+            two integer ops.
         quantize_bias: round the (folded) bias to the grid an integer
             kernel adds it on: steps of input scale x weight scale, per
             channel (int32 in onnxruntime's QLinearConv and TFLite). The
@@ -258,6 +263,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         batchnorm: keras.layers.BatchNormalization | None = None,
         activation: keras.layers.Layer | None = None,
         intermediate_quantizer: TensorQuantizer | None = None,
+        gate_quantizer: TensorQuantizer | None = None,
         quantize_bias: bool = False,
         **kwargs,
     ):
@@ -270,13 +276,26 @@ class QuantizeWrapper(keras.layers.Wrapper):
         self.weight_quantizers = {k: self._quantizer(q) for k, q in (weight_quantizers or {}).items()}
         self.output_quantizer = self._quantizer(output_quantizer)
         self.intermediate_quantizer = self._quantizer(intermediate_quantizer)
-        self._gated = isinstance(layer, keras.layers.Activation) and GATED_ACTIVATIONS.get(activation_name(layer), False)
-        if self.intermediate_quantizer is not None and not (isinstance(layer, SEPARABLE_CONVS) or self._gated):
+        self.gate_quantizer = self._quantizer(gate_quantizer)
+        name = activation_name(layer)
+        # A conv or dense layer's own swish or sigmoid, run after a grid on the layer's linear output.
+        self._split_activation = (
+            self.intermediate_quantizer is not None and not isinstance(layer, (SEPARABLE_CONVS, keras.layers.Activation))
+            and name in GATED_ACTIVATIONS
+        )
+        if self.intermediate_quantizer is not None and not (isinstance(layer, SEPARABLE_CONVS) or self._split_activation):
             raise ValueError(
-                f"`intermediate_quantizer` is for separable convs and swish activations (the grid of their "
-                f"gate); {layer.name!r} is a {type(layer).__name__}."
+                f"`intermediate_quantizer` is for separable convs and for layers whose own activation is one of "
+                f"{sorted(GATED_ACTIVATIONS)}; {layer.name!r} is a {type(layer).__name__} computing {name!r}."
             )
-        if not (any(self.input_quantizers) or self.weight_quantizers or self.output_quantizer or self.intermediate_quantizer):
+        gated = GATED_ACTIVATIONS.get(name) and (isinstance(layer, keras.layers.Activation) or self._split_activation)
+        if self.gate_quantizer is not None and not gated:
+            raise ValueError(
+                f"`gate_quantizer` is for swish activations (an `Activation` layer's, or a layer's own with an "
+                f"`intermediate_quantizer`); {layer.name!r} is a {type(layer).__name__} computing {name!r}."
+            )
+        quantizers = (self.output_quantizer, self.intermediate_quantizer, self.gate_quantizer)
+        if not (any(self.input_quantizers) or self.weight_quantizers or any(q is not None for q in quantizers)):
             raise ValueError(f"QuantizeWrapper around {layer.name!r} has no quantizer: pass at least one.")
         if getattr(layer, "lora_enabled", False):
             raise ValueError(f"Layer {layer.name!r} has LoRA enabled; merge or disable LoRA before quantizing it.")
@@ -341,6 +360,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         self.intermediate_amax = (
             None if self.intermediate_quantizer is None else self._add_amax("intermediate_amax", self.intermediate_quantizer)
         )
+        self.gate_amax = None if self.gate_quantizer is None else self._add_amax("gate_amax", self.gate_quantizer)
         self.built = True
 
     def _add_amax(self, name: str, quantizer: TensorQuantizer):
@@ -384,10 +404,12 @@ class QuantizeWrapper(keras.layers.Wrapper):
         calibrating = self._calibration_hook is not None
         if self._standalone_bn:
             y = self._batchnorm_call(x, calibrating)
-        elif self._gated and self.intermediate_quantizer is not None:
-            y = self._gated_call(x, training)
+        elif self.gate_quantizer is not None and isinstance(self.layer, keras.layers.Activation):
+            y = self._own_activation(x, training)
         else:
             y = self._layer_call(x, calibrating, training, kwargs)
+            if self._split_activation:
+                y = self._own_activation(self._grid("intermediate", y, training), training)
         if self.activation is not None:
             y = self.activation(y)
         if self.output_quantizer is not None:
@@ -415,6 +437,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
             swaps["bias"] = self._folded_bias()
             if hasattr(self.layer, "use_bias"):
                 swaps["use_bias"] = True
+        if self._split_activation:
+            swaps["activation"] = keras.activations.linear  # run after the intermediate grid instead
         if self.quantize_bias and not calibrating:
             bias = swaps.get("bias", getattr(self.layer, "bias", None))
             if bias is not None:
@@ -425,7 +449,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         try:
             for attr, value in swaps.items():
                 object.__setattr__(self.layer, attr, value)
-            y = self.layer.call(x, **kwargs) if self.intermediate_quantizer is None else self._separable_call(x, training)
+            separable = self.intermediate_quantizer is not None and not self._split_activation
+            y = self._separable_call(x, training) if separable else self.layer.call(x, **kwargs)
         finally:
             for attr, var in originals.items():
                 object.__setattr__(self.layer, attr, var)
@@ -463,25 +488,28 @@ class QuantizeWrapper(keras.layers.Wrapper):
             x, layer.depthwise_kernel, strides=layer.strides, padding=layer.padding,
             dilation_rate=layer.dilation_rate, data_format=layer.data_format,
         )
-        y = self._intermediate(y, training)
+        y = self._grid("intermediate", y, training)
         y = ops.conv(y, layer.pointwise_kernel, strides=1, padding="valid", data_format=layer.data_format)
         if layer.use_bias:
             shape = (1,) * (layer.rank + 1) + (layer.filters,) if layer.data_format == "channels_last" else (1, layer.filters) + (1,) * layer.rank
             y = ops.add(y, ops.reshape(layer.bias, shape))
         return y if layer.activation is None else layer.activation(y)
 
-    def _intermediate(self, y, training):
+    def _grid(self, kind: str, y, training):
+        """`y` on the `"intermediate"` or `"gate"` grid (left as it is while calibrating, which reads it)."""
         if self._calibration_hook is not None:
-            self._calibration_hook(self, ("intermediate", 0), y)
+            self._calibration_hook(self, (kind, 0), y)
             return y
-        return self._fake_quant(self.intermediate_quantizer, self.intermediate_amax, y, training)
+        return self._fake_quant(getattr(self, f"{kind}_quantizer"), getattr(self, f"{kind}_amax"), y, training)
 
-    def _gated_call(self, x, training):
-        """A swish as its gate, the intermediate quantizer, and the product (Keras's own formulas)."""
-        if activation_name(self.layer) == "hard_silu":
-            gate = self._intermediate(ops.relu6(x + 3.0), training)
-            return x * (gate / 6.0)
-        return x * self._intermediate(ops.sigmoid(x), training)
+    def _own_activation(self, x, training):
+        """The layer's activation: a swish as its gate, the gate's grid, and the product (Keras's own formulas)."""
+        name = activation_name(self.layer)
+        if self.gate_quantizer is None:
+            return self.layer.activation(x)
+        if name == "hard_silu":
+            return x * (self._grid("gate", ops.relu6(x + 3.0), training) / 6.0)
+        return x * self._grid("gate", ops.sigmoid(x), training)
 
     def _input_grid(self):
         """`(quantizer, amax)` of the grid the first input is on, or None where it isn't on one."""
@@ -501,7 +529,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     def _bias_step(self, bias):
         """Input step x weight step, in the bias's shape; None where the product isn't the bias's grid."""
-        if self.intermediate_quantizer is not None:  # the pointwise half adds the bias
+        if self.intermediate_quantizer is not None and not self._split_activation:  # the pointwise half adds the bias
             grid, attr = (self.intermediate_quantizer, self.intermediate_amax), "pointwise_kernel"
         elif len(self.weight_quantizers) == 1:
             grid, attr = self._input_grid(), next(iter(self.weight_quantizers))
@@ -559,9 +587,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
     def quantizer_ranges(self) -> list[dict]:
         """Every quantizer of this layer with its current range (numpy).
 
-        Each entry: `label` (`input`, `input_1`, `weight`, `weight_<attr>`, `intermediate`,
+        Each entry: `label` (`input`, `input_1`, `weight`, `weight_<attr>`, `intermediate`, `gate`,
         `output`), `slot` (`("input", i)`, `("weight", attr)`,
-        `("intermediate", 0)` or `("output", 0)`), `quantizer`, and `amax`.
+        `("intermediate", 0)`, `("gate", 0)` or `("output", 0)`), `quantizer`, and `amax`.
         """
         rows = []
         n_inputs = sum(q is not None for q in self.input_quantizers)
@@ -572,9 +600,10 @@ class QuantizeWrapper(keras.layers.Wrapper):
         for attr, q in self.weight_quantizers.items():
             amax = np.asarray(q.compute_amax(self.weight_value(attr)))
             rows.append(dict(label=_weight_label(attr, len(self.weight_quantizers)), slot=("weight", attr), quantizer=q, amax=amax))
-        if self.intermediate_quantizer is not None:
-            rows.append(dict(label="intermediate", slot=("intermediate", 0), quantizer=self.intermediate_quantizer,
-                             amax=np.asarray(self.intermediate_amax)))
+        for kind in ("intermediate", "gate"):
+            q = getattr(self, f"{kind}_quantizer")
+            if q is not None:
+                rows.append(dict(label=kind, slot=(kind, 0), quantizer=q, amax=np.asarray(getattr(self, f"{kind}_amax"))))
         if self.output_quantizer is not None:
             rows.append(dict(label="output", slot=("output", 0), quantizer=self.output_quantizer, amax=np.asarray(self.output_amax)))
         return rows
@@ -586,8 +615,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
             return self.input_amax[index]
         if kind == "output":
             return self.output_amax
-        if kind == "intermediate":
-            return self.intermediate_amax
+        if kind in ("intermediate", "gate"):
+            return getattr(self, f"{kind}_amax")
         raise ValueError(f"Weight ranges are computed from the kernel and have no variable. Received slot={slot!r}")
 
     def get_config(self):
@@ -601,6 +630,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
             intermediate_quantizer=(
                 None if self.intermediate_quantizer is None else keras.saving.serialize_keras_object(self.intermediate_quantizer)
             ),
+            gate_quantizer=None if self.gate_quantizer is None else keras.saving.serialize_keras_object(self.gate_quantizer),
             quantize_bias=self.quantize_bias,
         )
         return config

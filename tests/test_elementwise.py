@@ -8,7 +8,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qat_plugin as qp
 from qat_plugin.models import compile_classifier
-from qat_plugin.export._qdq_graph import clips_into_quantize, constants_as_dequantized, scales_into_qdq
+from qat_plugin.export._qdq_graph import (
+    clips_into_quantize,
+    constants_as_dequantized,
+    identity_reshapes,
+    scales_into_qdq,
+)
 from qat_plugin.quantizers import TensorQuantizer
 from qat_plugin.wrappers import QuantizeWrapper, quantize_wrappers
 
@@ -53,12 +58,12 @@ def test_activations_and_multiplies_get_their_own_grids(gated):
         assert isinstance(qmodel.get_layer(name), QuantizeWrapper), name
     hswish, swish, sigmoid = (qmodel.get_layer(n) for n in ("hswish", "swish", "sigmoid"))
     # The input is the conv's output grid, reused; the gate gets an unsigned grid of its own.
-    assert labels(hswish) == labels(swish) == ["intermediate", "output"] and labels(sigmoid) == ["output"]
-    assert hswish.intermediate_quantizer.unsigned and swish.intermediate_quantizer.unsigned
-    assert 0 < float(hswish.intermediate_amax) <= 6 and 0 < float(swish.intermediate_amax) <= 1
+    assert labels(hswish) == labels(swish) == ["gate", "output"] and labels(sigmoid) == ["output"]
+    assert hswish.gate_quantizer.unsigned and swish.gate_quantizer.unsigned
+    assert 0 < float(hswish.gate_amax) <= 6
     assert sigmoid.output_quantizer.unsigned and not hswish.output_quantizer.unsigned
     # A sigmoid's grid is fixed, steps of 1/256 (TFLite's LOGISTIC's), through calibration.
-    assert float(sigmoid.output_amax) == float(swish.intermediate_amax) == 255 / 256 == sigmoid.output_quantizer.fixed_amax
+    assert float(sigmoid.output_amax) == float(swish.gate_amax) == 255 / 256 == sigmoid.output_quantizer.fixed_amax
     # Input 0 is the swish's output grid; input 1 (the bare-op hard sigmoid) has none, so it gets one.
     assert labels(qmodel.get_layer("se_mul")) == ["input_1", "output"] and labels(qmodel.get_layer("gate_mul")) == ["output"]
     assert qmodel.qat_report.skipped["se_relu6"] == "not a quantizable kind"
@@ -73,9 +78,9 @@ def test_activations_and_multiplies_get_their_own_grids(gated):
             w._calibration_hook = None
     # With them on, the gate's grid is in the computation.
     x = np.random.default_rng(1).uniform(-5, 5, (1, 1, 200, 1)).astype(np.float32)
-    wrapper = QuantizeWrapper(L.Activation("hard_swish"), intermediate_quantizer=TensorQuantizer(8, unsigned=True))
+    wrapper = QuantizeWrapper(L.Activation("hard_swish"), gate_quantizer=TensorQuantizer(8, unsigned=True))
     wrapper(x)
-    wrapper.intermediate_amax.assign(6.0)
+    wrapper.gate_amax.assign(6.0)
     gate = np.clip(np.round(np.clip(x + 3, 0, 6) / (6 / 255)) * (6 / 255), 0, 6)
     np.testing.assert_allclose(wrapper(x), x * gate / 6, atol=1e-6)
 
@@ -90,6 +95,8 @@ def test_onnxruntime_runs_them_as_integer_ops(gated, tmp_path, monkeypatch):
     # The squeeze-and-excite's bare-op hard sigmoid too: its / 6 goes into a grid's scale, its ReLU6 into the grid.
     assert kernels["QLinearAdd"] == 2, kernels
     assert not {"Add", "Mul", "Clip", "Sigmoid", "QuickGelu", "Div"} & set(kernels), kernels
+    # No layout change around the squeeze-and-excite's 1x1 maps (`identity_reshapes`).
+    assert kernels.get("Transpose", 0) <= 1 and "Reshape" not in kernels, kernels
     assert report.agreement == 1.0
     out = qp.run_onnx(report.path, data)
     step = float(qmodel.get_layer("head").output_amax) / 127
@@ -109,7 +116,41 @@ def test_onnxruntime_runs_them_as_integer_ops(gated, tmp_path, monkeypatch):
     qmodel.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
     np.testing.assert_array_equal(loaded.predict(data[:32], verbose=0), qmodel.predict(data[:32], verbose=0))
-    assert float(loaded.get_layer("hswish").intermediate_amax) == float(qmodel.get_layer("hswish").intermediate_amax)
+    assert float(loaded.get_layer("hswish").gate_amax) == float(qmodel.get_layer("hswish").gate_amax)
+
+
+def test_a_layers_own_swish_or_sigmoid_runs_after_an_integer_conv(tmp_path):
+    # `Conv2D(..., activation="swish")`, EfficientNet's squeeze-and-excite convs: the conv ran in float, since
+    # its output had a grid only after the activation.
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(16, 3, padding="same", activation="swish", name="c0")(inp)
+    x = L.Conv2D(16, 1, activation="hard_swish", name="c1")(x)
+    x = L.Multiply(name="mul")([x, L.Conv2D(16, 1, activation="sigmoid", name="c2")(x)])
+    x = L.Dense(16, activation="swish", name="d1")(L.GlobalAveragePooling2D(name="gap")(x))
+    model = keras.Model(inp, L.Dense(10, name="head")(x))
+    data = np.random.default_rng(2).normal(size=(128, 12, 12, 3)).astype(np.float32)
+    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data[:64])
+    assert labels(qmodel.get_layer("c1")) == ["weight", "intermediate", "gate", "output"]
+    assert labels(qmodel.get_layer("c2")) == ["weight", "intermediate", "output"]
+    for w in quantize_wrappers(qmodel):  # quantizers off: the layers' own activations, split or not
+        w._calibration_hook = lambda *args: None
+    try:
+        np.testing.assert_allclose(qmodel(data), model(data), atol=1e-5)
+    finally:
+        for w in quantize_wrappers(qmodel):
+            w._calibration_hook = None
+    report = qp.export_onnx(qmodel, tmp_path / "acts.onnx", validation_data=data)
+    kernels = report.ort_kernels
+    assert report.float_compute == [] and kernels["QLinearConv"] == 3 and kernels["QLinearMatMul"] == 2, kernels
+    assert kernels["QLinearSigmoid"] == 3 and kernels["QLinearMul"] == 4 and kernels["QLinearAdd"] == 1, kernels
+    assert report.agreement == 1.0
+
+    tflite = qp.export_tflite(
+        qp.quantize_model(model, policy="tflite", calibration_data=data[:64]), tmp_path / "acts.tflite", validation_data=data
+    )
+    ops = tflite.op_histogram
+    assert tflite.fully_int8 and ops["HARD_SWISH"] == 1 and ops["LOGISTIC"] == 3, ops
 
 
 def test_tflite_gets_int8_hard_swish_logistic_and_mul(tmp_path, digits):
@@ -134,7 +175,7 @@ def test_switch_inside_fit_calibrates_the_gates():
     cb = qp.QATCallback(start_epoch=1, policy="onnxruntime", calibration_data=data[:64], verbose=0)
     history = model.fit(data, labels_, batch_size=32, epochs=2, callbacks=[cb], verbose=0)
     assert history.history["qat_phase"] == [0, 1] and np.isfinite(history.history["loss"]).all()
-    assert 0 < float(model.get_layer("hswish").intermediate_amax) <= 6
+    assert 0 < float(model.get_layer("hswish").gate_amax) <= 6
 
 
 def test_tensorrt_keeps_them_float_and_unsupported_ones_say_why():
@@ -146,8 +187,10 @@ def test_tensorrt_keeps_them_float_and_unsupported_ones_say_why():
         qp.quantize_model(model, qp.QuantizationSpec(layers=["c0", "hswish"]), policy="tensorrt")
     with pytest.raises(qp.SpecError, match=r"quantize_elementwise=True.*quantize_outputs=True"):
         qp.PlacementPolicy("mine", quantize_elementwise=True)
-    with pytest.raises(ValueError, match="separable convs and swish activations"):
+    with pytest.raises(ValueError, match="separable convs and for layers whose own activation is one of"):
         QuantizeWrapper(L.Dense(3), intermediate_quantizer=TensorQuantizer(8))
+    with pytest.raises(ValueError, match="`gate_quantizer` is for swish activations"):
+        QuantizeWrapper(L.Activation("sigmoid"), gate_quantizer=TensorQuantizer(8))
 
     inp = keras.Input((8, 8, 4))
     x = L.Conv2D(4, 1, name="conv")(inp)
@@ -246,3 +289,25 @@ def test_scales_into_qdq_folds_positive_scalar_scales_only():
     before = run(model, x * 5)
     assert scales_into_qdq(model) == 1 and [n.op_type for n in model.graph.node] == ["QuantizeLinear"]
     np.testing.assert_array_equal(run(model, x * 5), before)
+
+
+def test_identity_reshapes_bypasses_only_chains_that_give_back_their_shape():
+    def squeeze_then_reshape(target):
+        nodes = [
+            helper.make_node("Squeeze", ["x", "axes"], ["s"]),
+            helper.make_node("Reshape", ["s", "shape"], ["r"]),
+            helper.make_node("Relu", ["r"], ["y"]),
+        ]
+        g = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 1, 1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(np.array([2, 3], np.int64), "axes"), numpy_helper.from_array(np.array(target, np.int64), "shape")],
+        )
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 1, 1)).astype(np.float32)
+    model = squeeze_then_reshape([-1, 3, 1, 1])  # EfficientNet's pooled vector made a map again
+    before = run(model, x)
+    assert identity_reshapes(model) == 1 and [n.op_type for n in model.graph.node] == ["Relu"]
+    np.testing.assert_array_equal(run(model, x), before)
+    assert identity_reshapes(squeeze_then_reshape([-1, 1, 1, 3])) == 0  # a real layout change stays

@@ -1000,6 +1000,55 @@ def clips_into_quantize(model_proto) -> int:
     return dropped
 
 
+def identity_reshapes(model_proto) -> int:
+    """Bypass every Reshape that, with the reshapes before it, gives back the shape it started from: exact.
+
+    tf2onnx writes a layout change of a 1x1 map (NHWC to NCHW) as a
+    Reshape, and a pooled vector made a map again (EfficientNet's `Reshape`
+    layer) as a Squeeze and a Reshape: what reaches the conv after a global
+    pool is its `(N, C, 1, 1)` output reshaped to `(N, C, 1, 1)`.
+    onnxruntime can't move its NHWC layout through a Reshape, so each
+    squeeze-and-excite block ran two Transposes around one, between
+    integer ops that need none.
+
+    Returns:
+        How many Reshapes were bypassed.
+
+    Example:
+
+    >>> identity_reshapes(onnx.load("model.onnx"))  # doctest: +SKIP
+    20
+    """
+    g = _Graph(model_proto.graph)
+    shapes = None
+    bypassed = 0
+    for node in [n for n in g.graph.node if n.op_type == "Reshape"]:
+        if node.output[0] in g.outputs:
+            continue
+        shapes = _inferred_shapes(model_proto) if shapes is None else shapes
+        out = shapes.get(node.output[0])
+        if not out or None in out[1:]:
+            continue
+        # Same static dims, same element count: the same batch too.
+        source, found = node.input[0], None
+        while True:
+            if shapes.get(source) == out:
+                found = source
+            producer = g.producer.get(source)
+            if producer is None or producer.op_type not in ("Reshape", "Squeeze", "Unsqueeze", "Flatten"):
+                break
+            source = producer.input[0]
+        if found is None:
+            continue
+        for consumer, i in g.consumers.get(node.output[0], []):
+            consumer.input[i] = found
+        g.reindex()
+        bypassed += 1
+    if bypassed:
+        _clean(g)
+    return bypassed
+
+
 def _image_route(g: _Graph, x_dq, channels: int, rank: int):
     """`(graph input, Q)` when `x_dq` reads `Q(to_channels_first(graph input))`, a float channels-last input.
 

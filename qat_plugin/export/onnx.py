@@ -41,6 +41,7 @@ from qat_plugin.export._qdq_graph import (
     clips_into_quantize,
     concats_as_qlinear,
     constants_as_dequantized,
+    identity_reshapes,
     max_pools_before_dequantize,
     pads_before_dequantize,
     qdq_pairs,
@@ -539,6 +540,7 @@ def export_onnx(
     widened: dict[str, str] = {}
     if runtime == "onnxruntime":
         to_uint8_activations(proto)
+        identity_reshapes(proto)
         scales_into_qdq(proto)
         clips_into_quantize(proto)
         constants_as_dequantized(proto)
