@@ -495,22 +495,19 @@ def pads_before_dequantize(model_proto) -> int:
     g = _Graph(model_proto.graph)
     moved = 0
     for pad in [n for n in g.graph.node if n.op_type == "Pad"]:
-        dq = g.producer.get(pad.input[0])
-        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
-            continue
-        if _attr(pad, "mode", b"constant") != b"constant":
+        dq = _per_tensor_dq(g, pad.input[0])
+        if dq is None or _attr(pad, "mode", b"constant") != b"constant":
             continue
         if any(node.op_type == "Conv" for node, _ in g.consumers.get(pad.output[0], [])):
             continue  # DQ -> Pad -> Conv: onnxruntime folds the pad into its integer conv's own padding
-        scale, zp = g.const(dq.input[1]), g.const(dq.input[2])
         value = g.const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(())
-        if scale is None or zp is None or scale.size != 1 or zp.size != 1 or value is None or np.any(value != 0):
+        if value is None or np.any(value != 0):
             continue
         if len(pad.input) > 3 and pad.input[3]:  # opset 18's `axes`: not written by tf2onnx, left alone
             continue
         pads = pad.input[1]
         del pad.input[1:]
-        pad.input.extend([pads, g.add_init("pad_zero_point", zp.reshape(()))])
+        pad.input.extend([pads, g.add_init("pad_zero_point", g.const(dq.input[2]).reshape(()))])
         _dequantize_after(g, pad, dq, "_after_pad")
         moved += 1
     if moved:
@@ -552,11 +549,8 @@ def max_pools_before_dequantize(model_proto) -> int:
     g = _Graph(model_proto.graph)
     moved = 0
     for pool in [n for n in g.graph.node if n.op_type == "MaxPool" and len([o for o in n.output if o]) == 1]:
-        dq = g.producer.get(pool.input[0])
-        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
-            continue
-        scale, zp = g.const(dq.input[1]), g.const(dq.input[2])
-        if scale is None or zp is None or scale.size != 1 or zp.size != 1 or not np.all(scale > 0):
+        dq = _per_tensor_dq(g, pool.input[0])
+        if dq is None or not np.all(g.const(dq.input[1]) > 0):
             continue
         _dequantize_after(g, pool, dq, "_after_pool")
         moved += 1
