@@ -97,6 +97,11 @@ class _Graph:
                 self.consumers.setdefault(name, []).append((n, i))
         self.outputs = {o.name for o in self.graph.output}
 
+    def redirect(self, name: str, to: str) -> None:
+        """Make every node that reads `name` read `to` instead (call `reindex` after)."""
+        for consumer, i in self.consumers.get(name, []):
+            consumer.input[i] = to
+
     def const(self, name: str) -> np.ndarray | None:
         """The value of an initializer or a Constant node's output, else None."""
         from onnx import numpy_helper
@@ -269,8 +274,7 @@ def _fold_weight(g: _Graph, dq, bits: int | None) -> bool:
     out = g.fresh(dq.output[0].split(":")[0] + "_int8")
     attrs = {} if new_axis is None else {"axis": new_axis}
     g.graph.node.append(helper.make_node("DequantizeLinear", inputs, [out], name=out, **attrs))
-    for consumer, i in g.consumers.get(end, []):
-        consumer.input[i] = out
+    g.redirect(end, out)
     if end in g.outputs:  # a weight that is a graph output keeps its name
         g.graph.node.append(helper.make_node("Identity", [out], [end], name=g.fresh("weight_output")))
     g.reindex()
@@ -826,15 +830,22 @@ def _scalar(g: _Graph, name: str) -> float | None:
     return float(value.reshape(-1)[0])
 
 
+def _per_tensor_params(g: _Graph, node) -> tuple[np.ndarray, np.ndarray] | None:
+    """`(scale, zero point)` of a Q or DQ whose constant scale and zero point are one number each, else None."""
+    if len(node.input) < 3:
+        return None
+    scale, zp = g.const(node.input[1]), g.const(node.input[2])
+    if scale is None or zp is None or scale.size != 1 or zp.size != 1:
+        return None
+    return scale, zp
+
+
 def _per_tensor_dq(g: _Graph, name: str):
-    """The per-tensor DequantizeLinear (with a zero point) that makes `name`, else None."""
+    """The per-tensor DequantizeLinear (with a zero point) of a computed tensor that makes `name`, else None."""
     dq = g.producer.get(name)
-    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+    if dq is None or dq.op_type != "DequantizeLinear" or g.const(dq.input[0]) is not None:
         return None
-    scale, zp = g.const(dq.input[1]), g.const(dq.input[2])
-    if scale is None or zp is None or scale.size != 1 or zp.size != 1 or g.const(dq.input[0]) is not None:
-        return None
-    return dq
+    return dq if _per_tensor_params(g, dq) is not None else None
 
 
 def _sole_quantize(g: _Graph, name: str):
@@ -883,8 +894,8 @@ def scales_into_qdq(model_proto) -> int:
             if dq is not None and len(g.consumers.get(dq.output[0], [])) == 1 and dq.output[0] not in g.outputs:
                 dq.input[1] = g.add_init(dq.name + "_scale", g.const(dq.input[1]).astype(np.float32) * factor)
                 dq.output[0] = node.output[0]
-            elif q is not None and g.const(q.input[1]) is not None and g.const(q.input[1]).size == 1:
-                q.input[1] = g.add_init(q.name + "_scale", g.const(q.input[1]).astype(np.float32) / factor)
+            elif q is not None and (q_scale := g.const(q.input[1])) is not None and q_scale.size == 1:
+                q.input[1] = g.add_init(q.name + "_scale", q_scale.astype(np.float32) / factor)
                 q.input[0] = node.input[i]
             else:
                 continue
@@ -968,11 +979,10 @@ def clips_into_quantize(model_proto) -> int:
     dropped = 0
     for clip in [n for n in g.graph.node if n.op_type in ("Clip", "Relu")]:
         q = _sole_quantize(g, clip.output[0])
-        if q is None or len(q.input) < 3:
+        params = None if q is None else _per_tensor_params(g, q)
+        if params is None:
             continue
-        scale, zp = g.const(q.input[1]), g.const(q.input[2])
-        if scale is None or zp is None or scale.size != 1 or zp.size != 1:
-            continue
+        scale, zp = params
         low, high = (-np.inf, np.inf) if clip.op_type == "Clip" else (0.0, np.inf)
         if clip.op_type == "Clip":
             bounds = [g.const(name) if name else None for name in list(clip.input[1:3]) + [""] * (3 - len(clip.input))]
@@ -984,8 +994,7 @@ def clips_into_quantize(model_proto) -> int:
         step, z = float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0])
         if (info.min - z) * step < low - step / 2 or (info.max - z) * step > high + step / 2:
             continue
-        for node, i in g.consumers.get(clip.output[0], []):
-            node.input[i] = clip.input[0]
+        g.redirect(clip.output[0], clip.input[0])
         g.graph.node.remove(clip)
         g.reindex()
         dropped += 1
@@ -1034,8 +1043,7 @@ def identity_reshapes(model_proto) -> int:
             source = producer.input[0]
         if found is None:
             continue
-        for consumer, i in g.consumers.get(node.output[0], []):
-            consumer.input[i] = found
+        g.redirect(node.output[0], found)
         g.reindex()
         bypassed += 1
     if bypassed:
