@@ -340,6 +340,10 @@ class PlacementPolicy:
             integer kernels add them on (input scale x weight scale), so
             the Keras model computes what the exported file does (see
             `QuantizeWrapper`).
+        average_pools_on_input_grid: an average pool's output goes back onto
+            its input's grid instead of a grid of its own, since TFLite's
+            int8 AVERAGE_POOL_2D takes one scale for both (see
+            `QuantizeWrapper`'s `output_on_input_grid`).
         runtime: which exporter this placement is meant for:
             `"tensorrt"`, `"onnxruntime"` or `"tflite"`.
 
@@ -362,6 +366,7 @@ class PlacementPolicy:
     fuse_activations: bool = False
     reuse_output_ranges: bool = False
     quantize_bias: bool = False
+    average_pools_on_input_grid: bool = False
     runtime: str = "tensorrt"
 
     def __post_init__(self):
@@ -388,6 +393,11 @@ class PlacementPolicy:
             )
         if self.reuse_output_ranges and not self.quantize_outputs:
             raise SpecError("`reuse_output_ranges=True` reuses output quantizers, so it needs `quantize_outputs=True`.")
+        if self.average_pools_on_input_grid and not self.quantize_outputs:
+            raise SpecError(
+                "`average_pools_on_input_grid=True` puts an average pool's output on a grid, so it needs "
+                "`quantize_outputs=True`."
+            )
 
 
 # NVIDIA's TensorRT recipe: Q/DQ on the inputs and weights of conv/matmul
@@ -410,8 +420,9 @@ ONNXRUNTIME = PlacementPolicy(
     runtime="onnxruntime",
 )
 # TFMOT's placement (weights and outputs, BatchNorm folded, ReLU fused) is the
-# same tensor-by-tensor scheme; only the exporter differs.
-TFLITE = dataclasses.replace(ONNXRUNTIME, name="tflite", runtime="tflite")
+# same tensor-by-tensor scheme; the exporter differs, and TFLite's int8 average
+# pool keeps its input's scale (onnxruntime's QLinearAveragePool rescales).
+TFLITE = dataclasses.replace(ONNXRUNTIME, name="tflite", runtime="tflite", average_pools_on_input_grid=True)
 
 POLICIES: dict[str, PlacementPolicy] = {p.name: p for p in (TENSORRT, ONNXRUNTIME, TFLITE)}
 

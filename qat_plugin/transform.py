@@ -207,6 +207,9 @@ def _absorbed(layer, policy: PlacementPolicy, model_outputs: set[int]) -> dict:
     return found
 
 
+CROPPINGS = (keras.layers.Cropping1D, keras.layers.Cropping2D, keras.layers.Cropping3D)
+# The pools `PlacementPolicy.average_pools_on_input_grid` is about (a global one is TFLite's MEAN, which rescales).
+AVERAGE_POOLS = (keras.layers.AveragePooling1D, keras.layers.AveragePooling2D, keras.layers.AveragePooling3D)
 # Zero padding and max pooling (`ON_GRID_LAYERS`) need no Q/DQ of their own:
 # onnxruntime folds the padding into its integer conv's own, and runs the
 # pooling on the producer's uint8 (a second quantizer there, signed where the
@@ -227,7 +230,11 @@ def _owner(tensor, owners: dict[int, object]):
 
 
 def _never_negative(tensor) -> bool:
-    """Whether `tensor` is a ReLU's output, or that times a positive number (`relu6(x + 3) * (1 / 6)`)."""
+    """Whether `tensor` is a ReLU's output, or that times a positive number (`relu6(x + 3) * (1 / 6)`).
+
+    Zero padding, max pooling and cropping in between keep it so: NASNet pads and crops a ReLU's output, and
+    a signed grid there, beside the unsigned one on the ReLU's other reader, made TFLite's converter refuse it.
+    """
     while True:
         history = getattr(tensor, "_keras_history", None)
         if history is None:
@@ -235,6 +242,9 @@ def _never_negative(tensor) -> bool:
         op = history.operation
         if is_relu(op):
             return True
+        if isinstance(op, (*ON_GRID_LAYERS, *CROPPINGS)):
+            tensor = op._inbound_nodes[history.node_index].input_tensors[0]
+            continue
         if type(op).__name__ not in ("Multiply", "Divide", "TrueDivide") or isinstance(op, keras.layers.Layer):
             return False
         args = op._inbound_nodes[history.node_index].arguments.args
@@ -446,7 +456,13 @@ def plan_quantization(model: keras.Model, spec: QuantizationSpec, policy: Placem
             TensorQuantizer(a_bits, unsigned=is_relu(last) or sigmoid, fixed_amax=sigmoid_amax(a_bits) if sigmoid else None)
             if chosen and policy.quantize_outputs else None
         )
-        if chosen and not (inputs or weights or output):
+        on_input_grid = False
+        if output is not None and policy.average_pools_on_input_grid and isinstance(layer, AVERAGE_POOLS):
+            tensors = layer._inbound_nodes[0].input_tensors if layer._inbound_nodes else []
+            # Only where the input is on a grid: its own quantizer, or its producer's output one.
+            if inputs or (tensors and _owner(tensors[0], quantized_tail) is not None):
+                output, on_input_grid = None, True
+        if chosen and not (inputs or weights or output or on_input_grid):
             chosen, reason = False, "no quantizer left after the spec's overrides"
         if chosen:
             # Unsigned where the input is never negative: its grid's floor is then a ReLU's clip.
@@ -457,6 +473,8 @@ def plan_quantization(model: keras.Model, spec: QuantizationSpec, policy: Placem
                 for i in range(max(inputs) + 1)
             ] if inputs else []
             plan[id(layer)] = dict(input_quantizers=slots, weight_quantizers=weights, output_quantizer=output, **fused)
+            if on_input_grid:
+                plan[id(layer)]["output_on_input_grid"] = True
             if policy.quantize_bias and weights:
                 plan[id(layer)]["quantize_bias"] = True
             if policy.quantize_outputs and weights and isinstance(layer, SEPARABLE_CONVS):

@@ -242,6 +242,13 @@ class QuantizeWrapper(keras.layers.Wrapper):
             steps, and where a conv sees only zeros (a digit's background,
             padding) its output is the bias: MobileNetV2's first conv then
             differed from onnxruntime by one level on 2% of its outputs.
+        output_on_input_grid: for an average pool, round the output onto the
+            grid its first input is on (the same places as `quantize_bias`
+            looks), rather than a grid of its own: TFLite's int8
+            AVERAGE_POOL_2D takes one scale for its input and output, and
+            its converter rejected different ones (NASNet's adjust block) or
+            requantized around the pool, a rounding the Keras model did not
+            make. The range is the input's: the output does not move it.
 
     Example:
 
@@ -265,6 +272,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         intermediate_quantizer: TensorQuantizer | None = None,
         gate_quantizer: TensorQuantizer | None = None,
         quantize_bias: bool = False,
+        output_on_input_grid: bool = False,
         **kwargs,
     ):
         # Same name as the wrapped layer: `get_layer`, output names (and so
@@ -294,8 +302,16 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 f"`gate_quantizer` is for swish activations (an `Activation` layer's, or a layer's own with an "
                 f"`intermediate_quantizer`); {layer.name!r} is a {type(layer).__name__} computing {name!r}."
             )
+        self.output_on_input_grid = bool(output_on_input_grid)
+        if self.output_on_input_grid and self.output_quantizer is not None:
+            raise ValueError(
+                f"{layer.name!r}: pass `output_quantizer` or `output_on_input_grid=True`, not both; the output gets one grid."
+            )
         quantizers = (self.output_quantizer, self.intermediate_quantizer, self.gate_quantizer)
-        if not (any(self.input_quantizers) or self.weight_quantizers or any(q is not None for q in quantizers)):
+        if not (
+            any(self.input_quantizers) or self.weight_quantizers or any(q is not None for q in quantizers)
+            or self.output_on_input_grid
+        ):
             raise ValueError(f"QuantizeWrapper around {layer.name!r} has no quantizer: pass at least one.")
         if getattr(layer, "lora_enabled", False):
             raise ValueError(f"Layer {layer.name!r} has LoRA enabled; merge or disable LoRA before quantizing it.")
@@ -417,6 +433,16 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 self._calibration_hook(self, ("output", 0), y)
             else:
                 y = self._fake_quant(self.output_quantizer, self.output_amax, y, training)
+        elif self.output_on_input_grid and not calibrating:
+            grid = self._input_grid()
+            if grid is None:
+                raise ValueError(
+                    f"{self.name!r} has `output_on_input_grid=True`, but its input is on no grid: give it an input "
+                    "quantizer, or have the layer before it quantize its output."
+                )
+            q, amax = grid
+            # Not `_fake_quant`: tracking ranges here would pull the input's range toward the averages.
+            y = q.quantize(y, ops.cast(amax if q.fixed_amax is None else q.fixed_amax, y.dtype))
         return y
 
     def _layer_call(self, x, calibrating: bool, training, kwargs):
@@ -632,6 +658,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
             ),
             gate_quantizer=None if self.gate_quantizer is None else keras.saving.serialize_keras_object(self.gate_quantizer),
             quantize_bias=self.quantize_bias,
+            output_on_input_grid=self.output_on_input_grid,
         )
         return config
 

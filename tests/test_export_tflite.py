@@ -292,3 +292,55 @@ def test_running_a_missing_or_mismatched_file_fails_clearly(exported, tmp_path):
         run_tflite(exported["int8"].path, [np.zeros((2, 8, 8, 1))] * 2)
     with pytest.raises(ValueError, match=r"batch_size"):
         run_tflite(exported["int8"].path, np.zeros((2, 8, 8, 1)), batch_size=-1)
+
+
+def nasnet_adjust_block(seed: int = 0) -> keras.Model:
+    """NASNet's `_adjust_block` on 8x8 digits: a ReLU that no conv absorbs, read by two strided 1x1 average pools,
+    one after pad-and-crop, and a third pool right after an add."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((8, 8, 1), name="image")
+    a = L.Conv2D(8, 3, padding="same", name="c1")(inp)
+    h = L.Add(name="add")([a, L.Conv2D(8, 1, name="c2")(inp)])
+    p = L.ReLU(name="relu")(h)
+    p1 = L.Conv2D(4, 1, name="c3")(L.AveragePooling2D(1, strides=2, name="pool_1")(p))
+    p2 = L.Cropping2D(((1, 0), (1, 0)), name="crop")(L.ZeroPadding2D(((0, 1), (0, 1)), name="pad")(p))
+    p2 = L.Conv2D(4, 1, name="c4")(L.AveragePooling2D(1, strides=2, name="pool_2")(p2))
+    p3 = L.Conv2D(8, 1, name="c5")(L.AveragePooling2D(2, name="pool_3")(h))
+    h = L.Concatenate(name="cat")([p1, p2])
+    h = L.Add(name="add2")([h, p3])
+    return keras.Model(inp, L.Dense(10, name="head")(L.GlobalAveragePooling2D(name="gap")(h)))
+
+
+def test_average_pools_keep_their_input_grid_for_tflite(digits, tmp_path):
+    """TFLite's int8 AVERAGE_POOL_2D takes one scale in and out: the tflite policy puts a pool's output back on its
+    input's grid, so the converter neither refuses the model (NASNetMobile did) nor requantizes around the pool."""
+    x_train, _, x_test, _ = digits
+    model = nasnet_adjust_block()
+    qmodel = qp.quantize_model(model, policy="tflite", calibration_data=x_train[:256])
+    pools = {w.inner_name: w for w in quantize_wrappers(qmodel) if w.inner_name.startswith("pool_")}
+    assert sorted(pools) == ["pool_1", "pool_2", "pool_3"]
+    for w in pools.values():
+        assert w.output_quantizer is None and w.output_on_input_grid
+
+    # In Keras: pool_3 averages 2x2 windows of the add's output grid and lands back on that grid.
+    add = qmodel.get_layer("add")
+    step = float(add.output_amax.numpy()) / 127
+    probe = keras.Model(qmodel.inputs, [qmodel.get_layer("pool_3").output, add.output])
+    pooled, added = probe.predict(x_test[:32], verbose=0)
+    assert np.allclose(pooled / step, np.round(pooled / step), atol=1e-3)
+    mean = added.reshape(32, 4, 2, 4, 2, 8).mean(axis=(2, 4))
+    assert np.abs(pooled - mean).max() <= step / 2 + 1e-6 and np.abs(pooled - mean).max() > 0
+
+    report = export_tflite(qmodel, tmp_path / "adjust.tflite", representative_data=x_train[:256], validation_data=x_test)
+    ops = dict(report.op_counts)
+    assert ops["AVERAGE_POOL_2D"] == 3 and report.fully_int8
+    assert ops["QUANTIZE"] == 1  # the image's: no requantize around a pool
+    assert report.agreement >= 0.99
+
+    # The flag survives saving, and the onnxruntime policy, whose QLinearAveragePool rescales, keeps a grid per pool.
+    qmodel.save(tmp_path / "adjust.keras")
+    loaded = keras.saving.load_model(tmp_path / "adjust.keras", safe_mode=True)
+    assert loaded.get_layer("pool_1").output_on_input_grid
+    assert np.array_equal(loaded.predict(x_test[:16], verbose=0), qmodel.predict(x_test[:16], verbose=0))
+    ort_model = qp.quantize_model(model, policy="onnxruntime", calibration_data=x_train[:256])
+    assert all(not ort_model.get_layer(n).output_on_input_grid and ort_model.get_layer(n).output_quantizer for n in pools)
