@@ -344,6 +344,14 @@ class PlacementPolicy:
             its input's grid instead of a grid of its own, since TFLite's
             int8 AVERAGE_POOL_2D takes one scale for both (see
             `QuantizeWrapper`'s `output_on_input_grid`).
+        standalone_relus: an `Activation` computing relu that no layer before
+            it takes in (that layer's output has other readers: NASNet's
+            cells) gets an unsigned output grid of its own, and its readers,
+            also through zero padding, max pooling and cropping, read that
+            grid. TFLite then runs it as an int8 RELU; without it, each
+            reader calibrated a range of its own on the one tensor, and
+            TFLite's converter, which wants one scale there, refused
+            NASNetMobile.
         runtime: which exporter this placement is meant for:
             `"tensorrt"`, `"onnxruntime"` or `"tflite"`.
 
@@ -367,6 +375,7 @@ class PlacementPolicy:
     reuse_output_ranges: bool = False
     quantize_bias: bool = False
     average_pools_on_input_grid: bool = False
+    standalone_relus: bool = False
     runtime: str = "tensorrt"
 
     def __post_init__(self):
@@ -393,6 +402,11 @@ class PlacementPolicy:
             )
         if self.reuse_output_ranges and not self.quantize_outputs:
             raise SpecError("`reuse_output_ranges=True` reuses output quantizers, so it needs `quantize_outputs=True`.")
+        if self.standalone_relus and not (self.quantize_outputs and self.reuse_output_ranges):
+            raise SpecError(
+                "`standalone_relus=True` gives a ReLU an output grid that its readers reuse, so it needs "
+                "`quantize_outputs=True` and `reuse_output_ranges=True`."
+            )
         if self.average_pools_on_input_grid and not self.quantize_outputs:
             raise SpecError(
                 "`average_pools_on_input_grid=True` puts an average pool's output on a grid, so it needs "
@@ -420,9 +434,12 @@ ONNXRUNTIME = PlacementPolicy(
     runtime="onnxruntime",
 )
 # TFMOT's placement (weights and outputs, BatchNorm folded, ReLU fused) is the
-# same tensor-by-tensor scheme; the exporter differs, and TFLite's int8 average
-# pool keeps its input's scale (onnxruntime's QLinearAveragePool rescales).
-TFLITE = dataclasses.replace(ONNXRUNTIME, name="tflite", runtime="tflite", average_pools_on_input_grid=True)
+# same tensor-by-tensor scheme; the exporter differs, and TFLite's converter wants
+# one scale per tensor: an int8 average pool keeps its input's (onnxruntime's
+# QLinearAveragePool rescales), and a ReLU no conv takes in gets a grid of its own.
+TFLITE = dataclasses.replace(
+    ONNXRUNTIME, name="tflite", runtime="tflite", average_pools_on_input_grid=True, standalone_relus=True
+)
 
 POLICIES: dict[str, PlacementPolicy] = {p.name: p for p in (TENSORRT, ONNXRUNTIME, TFLITE)}
 

@@ -25,6 +25,7 @@ from qat_plugin.config import (
 from qat_plugin.errors import AlreadyQuantizedError, SpecError, UnsupportedModelError
 from qat_plugin.quantizers import TensorQuantizer, sigmoid_amax
 from qat_plugin.wrappers import (
+    CROPPINGS,
     ON_GRID_LAYERS,
     SEPARABLE_CONVS,
     Absorbed,
@@ -207,7 +208,6 @@ def _absorbed(layer, policy: PlacementPolicy, model_outputs: set[int]) -> dict:
     return found
 
 
-CROPPINGS = (keras.layers.Cropping1D, keras.layers.Cropping2D, keras.layers.Cropping3D)
 # The pools `PlacementPolicy.average_pools_on_input_grid` is about (a global one is TFLite's MEAN, which rescales).
 AVERAGE_POOLS = (keras.layers.AveragePooling1D, keras.layers.AveragePooling2D, keras.layers.AveragePooling3D)
 # Zero padding and max pooling (`ON_GRID_LAYERS`) need no Q/DQ of their own:
@@ -217,14 +217,16 @@ AVERAGE_POOLS = (keras.layers.AveragePooling1D, keras.layers.AveragePooling2D, k
 # and requantize 26 M values in float per batch).
 
 
-def _owner(tensor, owners: dict[int, object]):
-    """The wrapped layer whose output (after what it absorbed, then zero padding or max pooling) is `tensor`."""
+def _owner(tensor, owners: dict[int, object], policy: PlacementPolicy):
+    """The wrapped layer whose output (after what it absorbed, then zero padding or max pooling, and under
+    `policy.standalone_relus` cropping) is `tensor`."""
+    through = (*ON_GRID_LAYERS, *CROPPINGS) if policy.standalone_relus else ON_GRID_LAYERS
     while True:
         history = getattr(tensor, "_keras_history", None)
         if history is None:
             return None
         op = history.operation
-        if id(op) in owners or not isinstance(op, ON_GRID_LAYERS):
+        if id(op) in owners or not isinstance(op, through):
             return owners.get(id(op))
         tensor = op._inbound_nodes[history.node_index].input_tensors[0]
 
@@ -294,7 +296,7 @@ def _elementwise_problem(layer, policy: PlacementPolicy) -> str | None:
         return f"policy {policy.name!r} leaves {what} layers in float"
     if len(layer._inbound_nodes) != 1:
         return f"a shared {what} layer stays in float"
-    problem = elementwise_problem(layer, _num_inputs(layer))
+    problem = elementwise_problem(layer, _num_inputs(layer), relus=policy.standalone_relus)
     return None if problem is None else f"it {problem}"
 
 
@@ -339,20 +341,24 @@ _POLICY_HINT = {
 _POLICY_HINT["Multiply"] = _POLICY_HINT["Activation"]
 
 
+def _named_by_spec(layer, spec: QuantizationSpec) -> bool:
+    """Whether the spec picks `layer` out by name (`layers`) or class (`layer_types`)."""
+    named = spec.layers is not None and any(name_matches(p, layer.name) for p in spec.layers)
+    return named or class_matches(spec.layer_types, layer)
+
+
 def _selected(layer, spec: QuantizationSpec, policy: PlacementPolicy) -> tuple[bool, str]:
     name = layer.name
     if any(name_matches(p, name) for p in spec.exclude) or class_matches(spec.exclude_types, layer):
         return False, "excluded by the spec"
     if spec.filters is not None and not spec.filters(layer):
         return False, "rejected by `filters`"
-    named = spec.layers is not None and any(name_matches(p, name) for p in spec.layers)
-    typed = class_matches(spec.layer_types, layer)
     problem = _policy_problem(layer, policy)
     if spec.layers is None and not spec.layer_types:
         if layer_kind(layer) is None:
             return False, "not a quantizable kind"
         return (True, "selected") if problem is None else (False, problem)
-    if named or typed:
+    if _named_by_spec(layer, spec):
         if layer_kind(layer) is None:
             raise SpecError(
                 f"Layer {name!r} ({type(layer).__name__}) is selected by the spec but is not a kind qat-plugin "
@@ -401,10 +407,12 @@ def plan_quantization(model: keras.Model, spec: QuantizationSpec, policy: Placem
         if id(layer) in absorbed_by:  # a BatchNorm a conv folds: the conv's wrapper also takes its ReLU
             continue
         if selection[id(layer)][0] and layer_kind(layer) is not None and policy.quantize_outputs:
-            # Folding wins over quantizing a BatchNorm on its own; a ReLU the spec selects keeps its own wrapper.
+            # Folding wins over quantizing a BatchNorm on its own, and fusing over a standalone ReLU's own
+            # grid; a ReLU the spec selects by name or type keeps its own wrapper.
             found = {
                 k: v for k, v in _absorbed(layer, policy, outputs).items()
                 if k == "batchnorm" or not selection.get(id(v), (False,))[0]
+                or (policy.standalone_relus and not _named_by_spec(v, spec))
             }
             absorbed[id(layer)] = found
             absorbed_by.update({id(v): layer.name for v in found.values()})
@@ -448,7 +456,7 @@ def plan_quantization(model: keras.Model, spec: QuantizationSpec, policy: Placem
             raise SpecError(f"Layer {layer.name!r} has {_num_inputs(layer)} input(s); the spec asks to quantize input(s) {inputs}.")
         if chosen and policy.reuse_output_ranges and inputs and override.inputs is None and layer._inbound_nodes:
             tensors = layer._inbound_nodes[0].input_tensors
-            inputs = tuple(i for i in inputs if _owner(tensors[i], quantized_tail) is None)
+            inputs = tuple(i for i in inputs if _owner(tensors[i], quantized_tail, policy) is None)
         fused = absorbed.get(id(layer), {})
         last = fused.get("activation") or layer
         sigmoid = activation_name(last) == "sigmoid"
@@ -460,7 +468,7 @@ def plan_quantization(model: keras.Model, spec: QuantizationSpec, policy: Placem
         if output is not None and policy.average_pools_on_input_grid and isinstance(layer, AVERAGE_POOLS):
             tensors = layer._inbound_nodes[0].input_tensors if layer._inbound_nodes else []
             # Only where the input is on a grid: its own quantizer, or its producer's output one.
-            if inputs or (tensors and _owner(tensors[0], quantized_tail) is not None):
+            if inputs or (tensors and _owner(tensors[0], quantized_tail, policy) is not None):
                 output, on_input_grid = None, True
         if chosen and not (inputs or weights or output or on_input_grid):
             chosen, reason = False, "no quantizer left after the spec's overrides"

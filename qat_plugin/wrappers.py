@@ -23,6 +23,9 @@ ON_GRID_LAYERS = (
     keras.layers.ZeroPadding1D, keras.layers.ZeroPadding2D, keras.layers.ZeroPadding3D,
     keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D,
 )
+# Cropping only selects values, so its output is on its input's grid too; only policies with
+# `standalone_relus` pass a grid through it (onnxruntime reads each crop's reader through a Q/DQ of its own).
+CROPPINGS = (keras.layers.Cropping1D, keras.layers.Cropping2D, keras.layers.Cropping3D)
 SEPARABLE_CONVS = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
 # Moving-average factor for activation ranges while `track_ranges` is on.
 RANGE_MOMENTUM = 0.99
@@ -167,13 +170,18 @@ def activation_name(layer) -> str | None:
     return getattr(fn, "__name__", None)
 
 
-def elementwise_problem(layer, num_inputs: int) -> str | None:
-    """Why an `Activation` or `Multiply` layer can't run as integer ops; None if it can."""
+def elementwise_problem(layer, num_inputs: int, relus: bool = False) -> str | None:
+    """Why an `Activation` or `Multiply` layer can't run as integer ops; None if it can.
+
+    With `relus`, a ReLU (one no layer before it takes in) runs as one too.
+    """
     if isinstance(layer, keras.layers.Multiply):
         if num_inputs != 2:
             return f"multiplies {num_inputs} tensors, and integer runtimes multiply two at a time"
         return None
     name = activation_name(layer)
+    if relus and is_relu(layer):
+        return None
     if name not in GATED_ACTIVATIONS:
         return (
             f"computes {name!r}, and only {sorted(GATED_ACTIVATIONS)} run as integer ops (a ReLU "
@@ -549,7 +557,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
             op = None if history is None else history.operation
             if isinstance(op, QuantizeWrapper):
                 return None if op.output_quantizer is None else (op.output_quantizer, op.output_amax)
-            if not isinstance(op, (Absorbed, *ON_GRID_LAYERS)):
+            if not isinstance(op, (Absorbed, *ON_GRID_LAYERS, *CROPPINGS)):
                 return None
             tensor = op._inbound_nodes[history.node_index].input_tensors[0]
 

@@ -301,7 +301,7 @@ def nasnet_adjust_block(seed: int = 0) -> keras.Model:
     inp = keras.Input((8, 8, 1), name="image")
     a = L.Conv2D(8, 3, padding="same", name="c1")(inp)
     h = L.Add(name="add")([a, L.Conv2D(8, 1, name="c2")(inp)])
-    p = L.ReLU(name="relu")(h)
+    p = L.Activation("relu", name="relu")(h)
     p1 = L.Conv2D(4, 1, name="c3")(L.AveragePooling2D(1, strides=2, name="pool_1")(p))
     p2 = L.Cropping2D(((1, 0), (1, 0)), name="crop")(L.ZeroPadding2D(((0, 1), (0, 1)), name="pad")(p))
     p2 = L.Conv2D(4, 1, name="c4")(L.AveragePooling2D(1, strides=2, name="pool_2")(p2))
@@ -321,6 +321,12 @@ def test_average_pools_keep_their_input_grid_for_tflite(digits, tmp_path):
     assert sorted(pools) == ["pool_1", "pool_2", "pool_3"]
     for w in pools.values():
         assert w.output_quantizer is None and w.output_on_input_grid
+    # One grid on the ReLU's output, which both pools read, one of them through pad-and-crop: each pool
+    # calibrating its own (the crop drops a row, so a smaller range) made the converter refuse NASNetMobile.
+    relu = qmodel.get_layer("relu")
+    assert relu.output_quantizer.unsigned and not any(relu.input_quantizers)  # the add's grid is its input
+    assert not any(pools["pool_1"].input_quantizers) and not any(pools["pool_2"].input_quantizers)
+    assert pools["pool_2"]._input_grid()[1] is relu.output_amax
 
     # In Keras: pool_3 averages 2x2 windows of the add's output grid and lands back on that grid.
     add = qmodel.get_layer("add")
@@ -333,14 +339,28 @@ def test_average_pools_keep_their_input_grid_for_tflite(digits, tmp_path):
 
     report = export_tflite(qmodel, tmp_path / "adjust.tflite", representative_data=x_train[:256], validation_data=x_test)
     ops = dict(report.op_counts)
-    assert ops["AVERAGE_POOL_2D"] == 3 and report.fully_int8
+    assert ops["AVERAGE_POOL_2D"] == 3 and ops["RELU"] == 1 and report.fully_int8
     assert ops["QUANTIZE"] == 1  # the image's: no requantize around a pool
     assert report.agreement >= 0.99
 
-    # The flag survives saving, and the onnxruntime policy, whose QLinearAveragePool rescales, keeps a grid per pool.
+    # The flag survives saving. The onnxruntime policy, whose QLinearAveragePool rescales, keeps a grid per pool,
+    # and leaves the ReLU to its readers' Q/DQ pairs.
     qmodel.save(tmp_path / "adjust.keras")
     loaded = keras.saving.load_model(tmp_path / "adjust.keras", safe_mode=True)
     assert loaded.get_layer("pool_1").output_on_input_grid
     assert np.array_equal(loaded.predict(x_test[:16], verbose=0), qmodel.predict(x_test[:16], verbose=0))
     ort_model = qp.quantize_model(model, policy="onnxruntime", calibration_data=x_train[:256])
     assert all(not ort_model.get_layer(n).output_on_input_grid and ort_model.get_layer(n).output_quantizer for n in pools)
+    assert not isinstance(ort_model.get_layer("relu"), qp.QuantizeWrapper)
+
+
+def test_grid_sharing_options_are_refused_without_what_they_need():
+    with pytest.raises(qp.SpecError, match=r"average_pools_on_input_grid=True.*quantize_outputs=True"):
+        qp.PlacementPolicy("mine", average_pools_on_input_grid=True)
+    with pytest.raises(qp.SpecError, match=r"standalone_relus=True.*reuse_output_ranges=True"):
+        qp.PlacementPolicy("mine", quantize_outputs=True, standalone_relus=True)
+    with pytest.raises(ValueError, match="not both"):
+        qp.QuantizeWrapper(L.AveragePooling2D(2), output_quantizer=qp.TensorQuantizer(8), output_on_input_grid=True)
+    pool = qp.QuantizeWrapper(L.AveragePooling2D(2), output_on_input_grid=True)
+    with pytest.raises(ValueError, match="its input is on no grid"):
+        pool(np.ones((1, 4, 4, 2), "float32"))
