@@ -384,3 +384,31 @@ def test_every_layer_kind_gets_its_dq_on_the_weight_input(name, make, layouts, o
         assert pair.consumers == ((op, 1),) and pair.axis == axis and pair.dtype == "int8"
         assert pair.scale_shape == (expected.shape[axis],) and set(pair.zero_point) == {0}
         np.testing.assert_allclose(dequantized(pair, proto), expected, atol=1e-6)
+
+
+def test_grouped_convs_and_exact_gelu_export(digits, tmp_path):
+    """ConvNeXt's two blockers in tf2onnx: Keras traces a grouped conv inside an XLA function, which tf2onnx left as
+    a StatefulPartitionedCall, and the exact GELU is TensorFlow's Erfc, which tf2onnx can't convert."""
+    from keras.src.backend.tensorflow import nn as tf_nn
+
+    x_train, _, x_test, _ = digits
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 1), name="image")
+    h = L.Conv2D(8, 3, padding="same", activation="relu", name="conv")(inp)
+    h = L.Conv2D(8, 3, padding="same", groups=4, name="grouped")(h)
+    h = L.Activation("gelu", name="gelu")(h)  # approximate=False, Keras's default
+    model = keras.Model(inp, L.Dense(10, name="head")(L.GlobalAveragePooling2D(name="gap")(h)))
+    original = tf_nn.conv
+
+    report = export_onnx(model, tmp_path / "fp32.onnx", validation_data=x_test)
+    graph = onnx.load(report.path).graph
+    assert not [n.op_type for n in graph.node if "Call" in n.op_type]
+    groups = [a.i for n in graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
+    assert 4 in groups and "Erf" in {n.op_type for n in graph.node}
+    assert report.agreement == 1.0 and report.max_abs_diff < 1e-4
+    assert tf_nn.conv is original  # Keras traces grouped convs with XLA again after the export
+    assert model.predict(x_test[:4], verbose=0).shape == (4, 10)
+
+    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=x_train[:256])
+    report = export_onnx(qmodel, tmp_path / "int8.onnx", validation_data=x_test)
+    assert report.ort_kernels["QLinearConv"] == 2 and report.agreement >= 0.99

@@ -51,6 +51,7 @@ from qat_plugin.export._qdq_graph import (
     to_uint8_activations,
     widen_narrow_convs,
 )
+from qat_plugin.export._tf2onnx_compat import CUSTOM_OP_HANDLERS, traceable_grouped_convs
 from qat_plugin.export.tensorrt import TensorRTCheck, check_tensorrt
 
 __all__ = [
@@ -519,16 +520,18 @@ def export_onnx(
     if min_agreement is None:
         min_agreement = DEFAULT_AGREEMENT[runtime]
     check_validation_args(min_agreement, batch_size)  # before the slow conversion
-    traced = _for_tf2onnx(model)
-    signature = _signature(traced, input_signature)
-    ops = _fake_quant_ops(traced, signature)
-    _check_model(model, ops)
-    low_bit = {name: op.bits for op in ops if op.weight and op.bits < 8 for name in (op.output, op.input)}
-
-    try:
-        proto, _ = tf2onnx.convert.from_keras(traced, input_signature=signature, opset=opset)
-    except Exception as e:  # tf2onnx raises anything from KeyError to ValueError
-        raise ExportError(f"tf2onnx could not convert model {model.name!r}: {type(e).__name__}: {e}") from e
+    with traceable_grouped_convs():
+        traced = _for_tf2onnx(model)
+        signature = _signature(traced, input_signature)
+        ops = _fake_quant_ops(traced, signature)
+        _check_model(model, ops)
+        low_bit = {name: op.bits for op in ops if op.weight and op.bits < 8 for name in (op.output, op.input)}
+        try:
+            proto, _ = tf2onnx.convert.from_keras(
+                traced, input_signature=signature, opset=opset, custom_op_handlers=dict(CUSTOM_OP_HANDLERS)
+            )
+        except Exception as e:  # tf2onnx raises anything from KeyError to ValueError
+            raise ExportError(f"tf2onnx could not convert model {model.name!r}: {type(e).__name__}: {e}") from e
     found = rewrite_qdq(proto, low_bit)
     lost = sorted(op.output for op in ops if op.weight and op.bits < 8 and not {op.output, op.input} & set(found))
     if lost:
