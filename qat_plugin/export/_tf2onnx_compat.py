@@ -2,19 +2,20 @@
 
 Two gaps, both hit by `keras.applications.ConvNeXt*` even in FP32:
 
-- A grouped `Conv2D` (`groups > 1`: ConvNeXt's depthwise convs, ResNeXt-style group
-  convs) is traced by Keras's TensorFlow backend inside a
+- A grouped `Conv2D` (`groups > 1`: ConvNeXt's depthwise convs, ResNeXt-style
+  group convs) is traced by Keras's TensorFlow backend inside a
   `tf.function(jit_compile=True)`, since TensorFlow's CPU kernel can't run it.
   tf2onnx doesn't inline such a function and leaves a `StatefulPartitionedCall`
-  that no runtime runs (open in tf2onnx: onnx/tensorflow-onnx#2099, #2347). Only a graph is built here, never run by TensorFlow,
-  so while tracing for tf2onnx the conv is traced as the plain
-  `tf.nn.convolution` it wraps, which tf2onnx writes as an ONNX Conv with
-  `group`.
+  that no runtime runs (open in tf2onnx: onnx/tensorflow-onnx#2099, #2347).
+  The export only builds a graph, which TensorFlow never runs, so while it
+  traces, the conv is traced as the plain `tf.nn.convolution` it wraps, which
+  tf2onnx writes as an ONNX Conv with `group`.
 - The exact GELU (`approximate=False`, Keras's default) traces to TensorFlow's
   `Erfc`, which tf2onnx has no handler for: `erfc(x) = 1 - erf(x)`.
 
-This module touches one Keras internal (`keras.src.backend.tensorflow.nn.conv`,
-checked against the pinned Keras range in the tests).
+This module touches one Keras internal, `keras.src.backend.tensorflow.nn.conv`
+(`tests/test_export_onnx.py::test_grouped_convs_and_exact_gelu_export` fails
+if the pinned Keras range moves it).
 """
 
 from __future__ import annotations
