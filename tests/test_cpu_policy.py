@@ -720,3 +720,35 @@ def test_signed_tensor_through_a_crop_reaches_an_integer_pool(tmp_path):
     report = qp.export_onnx(qmodel, tmp_path / "crop.onnx", validation_data=data)
     assert report.float_compute == [] and report.ort_kernels["QLinearConv"] == 3, report.ort_kernels
     assert not {"AveragePool", "QLinearAveragePool"} & set(report.ort_kernels) and report.agreement == 1.0
+
+
+def test_depthwise_convs_are_widened_to_16_channels_exactly(tmp_path, monkeypatch):
+    """onnxruntime's integer depthwise conv is slow unless its channels are a multiple of 16 (NASNet's 11/22/44/88):
+    a depthwise conv between two convs gets zero channels, and so do their weights; the file's numbers don't move.
+    One whose input no conv writes (here, an add's output) is left alone."""
+    import qat_plugin.export.onnx as onnx_export
+
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((12, 12, 3))
+    x = L.ReLU(name="r0")(L.BatchNormalization(name="bn0")(L.Conv2D(11, 1, name="pw0")(inp)))
+    x = L.ReLU(name="r1")(L.DepthwiseConv2D(3, padding="same", name="dw")(x))
+    x = L.Conv2D(22, 1, name="pw1")(x)
+    x = L.SeparableConv2D(8, 3, padding="same", name="sep")(x)  # its depthwise half reads pw1: 22 -> 32
+    y = L.Add(name="add")([x, L.Conv2D(8, 1, name="side")(inp)])
+    y = L.Conv2D(4, 1, name="pw2")(L.DepthwiseConv2D(3, padding="same", name="dw_after_add")(y))
+    model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(y)))
+    data = np.random.default_rng(3).random((64, 12, 12, 3), dtype=np.float32)
+    qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data)
+
+    report = qp.export_onnx(qmodel, tmp_path / "wide.onnx", validation_data=data)
+    assert sorted(report.widened_depthwise.values()) == [16, 32], report.widened_depthwise
+    assert not any("dw_after_add" in name for name in report.widened_depthwise)
+    assert report.ort_kernels["QLinearConv"] == 8 and report.float_compute == [], report.ort_kernels
+    groups = sorted(a.i for n in onnx.load(report.path).graph.node if n.op_type == "Conv" for a in n.attribute
+                    if a.name == "group" and a.i > 1)
+    assert groups == [8, 16, 32]
+
+    monkeypatch.setattr(onnx_export, "widen_depthwise_convs", lambda proto: {})
+    narrow = qp.export_onnx(qmodel, tmp_path / "narrow.onnx", validation_data=data)
+    assert narrow.widened_depthwise == {}
+    np.testing.assert_array_equal(qp.run_onnx(report.path, data), qp.run_onnx(narrow.path, data))

@@ -49,6 +49,7 @@ from qat_plugin.export._qdq_graph import (
     rewrite_qdq,
     scales_into_qdq,
     to_uint8_activations,
+    widen_depthwise_convs,
     widen_narrow_convs,
 )
 from qat_plugin.export._tf2onnx_compat import CUSTOM_OP_HANDLERS, traceable_grouped_convs
@@ -99,6 +100,11 @@ class OnnxExportReport:
             4 input channels that got zero-weight extra ones (onnxruntime's
             integer convs are slow below 4), and how: `"MatMul"` (a float
             `[I | 0]` on the model input) or `"Pad"` (of the quantized tensor).
+        widened_depthwise: for `runtime="onnxruntime"`, the depthwise Convs
+            whose channel count was not a multiple of 16 and that got
+            zero-weight channels up to one (with the convs before and after
+            them), and their new count: onnxruntime's integer depthwise conv
+            takes a slow path otherwise (see `widen_depthwise_convs`).
         checked_on: where the inputs the file was checked on came from:
             `"validation_data"`; `"calibration sample"` (the first 64 inputs
             `calibrate` saw, kept with the model in this process);
@@ -129,6 +135,7 @@ class OnnxExportReport:
     tensorrt: TensorRTCheck | None = None
     checked_on: str = "validation_data"
     widened_convs: dict[str, str] = dataclasses.field(default_factory=dict)
+    widened_depthwise: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def float_compute(self) -> list[str]:
@@ -541,6 +548,7 @@ def export_onnx(
     if floats:
         raise ExportError(f"Weights {floats[:5]} could not be stored as int8 (an unexpected layout between Q and DQ).")
     widened: dict[str, str] = {}
+    widened_depthwise: dict[str, int] = {}
     if runtime == "onnxruntime":
         to_uint8_activations(proto)
         identity_reshapes(proto)
@@ -554,6 +562,7 @@ def export_onnx(
         average_pools_as_depthwise_convs(proto)
         average_pools_in_float(proto)
         widened = widen_narrow_convs(proto)
+        widened_depthwise = widen_depthwise_convs(proto)
         _warn_if_saturating(model)
     try:
         onnx.checker.check_model(proto)  # tf2onnx leaves ops it couldn't convert in place
@@ -596,4 +605,5 @@ def export_onnx(
         tensorrt=trt,
         checked_on=checked_on,
         widened_convs=widened,
+        widened_depthwise=widened_depthwise,
     )
