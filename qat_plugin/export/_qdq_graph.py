@@ -848,12 +848,16 @@ def _per_tensor_dq(g: _Graph, name: str):
     return dq if _per_tensor_params(g, dq) is not None else None
 
 
+def _single_reader(g: _Graph, name: str):
+    """The one node that reads tensor `name`, or None (several readers, or a graph output)."""
+    readers = g.consumers.get(name, [])
+    return readers[0][0] if len(readers) == 1 and name not in g.outputs else None
+
+
 def _sole_quantize(g: _Graph, name: str):
     """The QuantizeLinear that is the only reader of `name` (not a graph output), else None."""
-    readers = g.consumers.get(name, [])
-    if name in g.outputs or len(readers) != 1 or readers[0][0].op_type != "QuantizeLinear" or readers[0][1] != 0:
-        return None
-    return readers[0][0]
+    q = _single_reader(g, name)
+    return q if q is not None and q.op_type == "QuantizeLinear" and q.input[0] == name else None
 
 
 def scales_into_qdq(model_proto) -> int:
@@ -1155,12 +1159,6 @@ def widen_narrow_convs(model_proto, channels: int = 4) -> dict[str, str]:
     return widened
 
 
-def _single_reader(g: _Graph, name: str):
-    """The one node that reads tensor `name`, or None (several readers, or a graph output)."""
-    readers = g.consumers.get(name, [])
-    return readers[0][0] if len(readers) == 1 and name not in g.outputs else None
-
-
 def _padded_weight_dq(g: _Graph, conv, axis: int, size: int, check_only: bool = False) -> bool:
     """Give `conv`'s int8 weight `size` channels on `axis` (zeros after its own); on the output axis (0), its
     per-channel scale, zero point and bias too. False, untouched, where they aren't plain constants; with
@@ -1230,17 +1228,22 @@ def widen_depthwise_convs(model_proto, multiple: int = 16) -> dict[str, int]:
         groups = _attr(dw, "group", 1)
         if w is None or w.ndim < 3 or groups == 1 or w.shape[0] != groups or w.shape[1] != 1 or groups % multiple == 0:
             continue
-        # Before: conv -> (ReLU) -> Q -> DQ -> dw; after: dw -> (ReLU) -> Q -> DQ -> conv; one reader each.
-        x_dq = g.producer.get(dw.input[0])
-        q_in = None if x_dq is None or x_dq.op_type != "DequantizeLinear" else g.producer.get(x_dq.input[0])
+        # Before: conv -> (ReLU) -> Q -> DQ -> dw; after: dw -> (ReLU) -> Q -> DQ -> conv; one reader each, and
+        # per-tensor Q/DQs (a per-channel one's scale would have the old channel count).
+        x_dq = _per_tensor_dq(g, dw.input[0])
+        q_in = None if x_dq is None else g.producer.get(x_dq.input[0])
         if q_in is None or q_in.op_type != "QuantizeLinear" or _single_reader(g, x_dq.output[0]) is not dw:
             continue
-        if _single_reader(g, q_in.output[0]) is not x_dq:
+        if _single_reader(g, q_in.output[0]) is not x_dq or _per_tensor_params(g, q_in) is None:
             continue
         before = _through_elementwise(g, q_in.input[0], forward=False)
         q_out = _through_elementwise(g, dw.output[0], forward=True)
-        dq_out = None if q_out is None or q_out.op_type != "QuantizeLinear" else _single_reader(g, q_out.output[0])
-        after = None if dq_out is None or dq_out.op_type != "DequantizeLinear" else _single_reader(g, dq_out.output[0])
+        if q_out is None or q_out.op_type != "QuantizeLinear" or _per_tensor_params(g, q_out) is None:
+            continue
+        dq_out = _single_reader(g, q_out.output[0])
+        if dq_out is None or dq_out.op_type != "DequantizeLinear" or _per_tensor_params(g, dq_out) is None:
+            continue
+        after = _single_reader(g, dq_out.output[0])
         if before is None or after is None or any(n.op_type != "Conv" or _attr(n, "group", 1) != 1 for n in (before, after)):
             continue
         if after.input[0] != dq_out.output[0] or _single_reader(g, before.output[0]) is None:
