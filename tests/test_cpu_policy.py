@@ -88,13 +88,20 @@ def test_onnxruntime_export_runs_every_conv_in_an_integer_kernel(resnet, digits,
     assert report.runtime == "onnxruntime" and report.agreement >= 0.99
     assert report.ort_kernels["QLinearConv"] == 9 and report.float_compute == [], report.ort_kernels
     assert report.ort_kernels["QLinearAdd"] == 3
-    # The 1-channel input conv reads the digits widened to 4 channels by a MatMul with [1 0 0 0], which
-    # is data movement: float_compute (checked above) leaves it out.
-    assert list(report.widened_convs.values()) == ["MatMul"] and report.ort_kernels["MatMul"] == 1
+    # The 1-channel input conv reads the digits in blocks of 4 columns (a Reshape), as a 4-channel image.
+    assert list(report.folded_convs.values()) == [4] and report.widened_convs == {}
+    assert "MatMul" not in report.ort_kernels and report.ort_kernels["Reshape"] == 2, report.ort_kernels
+    # The pooled features reach the head with no Transpose (pooled_squeezes_channels_last).
+    assert "Transpose" not in report.ort_kernels, report.ort_kernels
     # Activations are uint8 (onnxruntime's x86 kernels take no int8 activations); weights int8, zero point 0.
     pairs = qp.qdq_pairs(report.path)
     assert {p.dtype for p in pairs if p.kind == "activation"} == {"uint8"}
     assert {(p.dtype, max(map(abs, p.zero_point))) for p in pairs if p.kind == "weight"} == {("int8", 0)}
+    # Conv weights leave their all-zero zero points to ONNX's default (a smaller file), and still fuse (above).
+    graph = onnx.load(report.path).graph
+    constants = {t.name for t in graph.initializer}
+    weight_dqs = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants]
+    assert sorted(len(n.input) for n in weight_dqs) == [2] * 9 + [3]  # the head's MatMul keeps its own
     signed = [p for p in pairs if p.kind == "activation" and p.zero_point == (128,)]
     assert signed, "tensors that can be negative keep a signed grid, shifted by 128"
     # The same model through the TensorRT exporter breaks TensorRT's int8-only rule, and says so.
@@ -291,27 +298,78 @@ def test_pads_before_dequantize_is_exact():
     assert before.shape == (1, 2, 6, 6) and np.all(before[:, :, 0] == 0)
 
 
-def test_rgb_input_conv_is_widened_by_a_matmul(tmp_path, monkeypatch):
+@pytest.mark.parametrize("size, folded", [(12, True), (14, False)])
+def test_rgb_input_conv_is_folded_or_else_widened_by_a_matmul(tmp_path, monkeypatch, size, folded):
+    """A stride-2 RGB stem reads the image in blocks of 4 columns (12 channels) where 4 divides the width,
+    else the image widened to 4 channels by a MatMul with [I | 0]; either way the same numbers as without."""
     keras.utils.set_random_seed(5)
-    inp = keras.Input((12, 12, 3))
+    inp = keras.Input((size, size, 3))
     x = L.ReLU(name="r0")(L.Conv2D(8, 3, strides=2, padding="same", name="stem")(inp))
     model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(L.Conv2D(8, 1, name="c1")(x))))
-    data = np.random.rand(64, 12, 12, 3).astype("float32")
+    data = np.random.rand(64, size, size, 3).astype("float32")
     qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data)
     report = qp.export_onnx(qmodel, tmp_path / "rgb.onnx", validation_data=data)
-    assert list(report.widened_convs.values()) == ["MatMul"] and report.float_compute == [], report
-    assert report.ort_kernels["QLinearConv"] == 2 and report.ort_kernels["MatMul"] == 1, report.ort_kernels
+    assert report.float_compute == [] and report.ort_kernels["QLinearConv"] == 2, report
     proto = onnx.load(report.path)
-    eye = next(a for a in map(onnx.numpy_helper.to_array, proto.graph.initializer) if a.shape == (3, 4))
-    np.testing.assert_array_equal(eye, np.eye(3, 4, dtype=np.float32))
+    weights = list(map(onnx.numpy_helper.to_array, proto.graph.initializer))
+    if folded:
+        assert list(report.folded_convs.values()) == [4] and report.widened_convs == {}
+        assert "MatMul" not in report.ort_kernels and report.ort_kernels["Reshape"] == 2, report.ort_kernels
+        # 2 outputs per block of 4 columns, 3 taps at stride 2 over 2 blocks.
+        assert any(w.dtype == np.int8 and w.shape == (16, 12, 3, 2) for w in weights)
+    else:
+        assert report.folded_convs == {} and list(report.widened_convs.values()) == ["MatMul"]
+        assert report.ort_kernels["MatMul"] == 1
+        eye = next(a for a in weights if a.shape == (3, 4))
+        np.testing.assert_array_equal(eye, np.eye(3, 4, dtype=np.float32))
     assert report.agreement == 1.0
-    # Exact: the same model exported without the widening computes the very same numbers in onnxruntime.
+    # Exact: the same model exported without these rewrites (nor the channels-last squeeze of the pooled
+    # features) computes the very same numbers in onnxruntime.
     import qat_plugin.export.onnx as onnx_export
 
+    monkeypatch.setattr(onnx_export, "fold_image_convs", lambda proto: {})
     monkeypatch.setattr(onnx_export, "widen_narrow_convs", lambda proto: {})
+    monkeypatch.setattr(onnx_export, "pooled_squeezes_channels_last", lambda proto: 0)
     narrow = qp.export_onnx(qmodel, tmp_path / "narrow.onnx", validation_data=data)
-    assert narrow.widened_convs == {} and "MatMul" not in narrow.ort_kernels
+    assert narrow.widened_convs == narrow.folded_convs == {} and "MatMul" not in narrow.ort_kernels
+    # onnxruntime cancels the layout Transposes around the folded conv and the squeeze against its own.
+    assert "Transpose" not in report.ort_kernels and narrow.ort_kernels["Transpose"] == 1, narrow.ort_kernels
     np.testing.assert_array_equal(qp.run_onnx(report.path, data), qp.run_onnx(narrow.path, data))
+
+
+@pytest.mark.parametrize("kernel, stride, pads, fold", [
+    (3, 1, (1, 1), 4), (3, 2, (0, 1), 4), (3, 2, (1, 1), 4), (7, 2, (3, 3), 4), (5, 1, (2, 2), 2),
+    (3, 1, (0, 0), 2), (1, 1, (0, 0), 4), (2, 2, (0, 0), 2), (3, 3, (0, 0), 6), (4, 2, (1, 2), 4),
+])
+def test_column_fold_computes_the_same_conv(kernel, stride, pads, fold):
+    """A 1-D conv against the same conv run on blocks of `fold` columns, in integers: equal wherever the
+    geometry divides, and `column_fold` refuses the rest."""
+    from qat_plugin.export._qdq_graph import column_fold, folded_kernel
+
+    rng = np.random.default_rng(kernel * 100 + stride * 10 + fold)
+    channels, outs = 3, 5
+    w = rng.integers(-127, 128, (outs, channels, 1, kernel))
+    tried = 0
+    for width in range(fold, 5 * fold + 4):
+        x = rng.integers(0, 256, (width, channels))
+        padded = np.pad(x, (pads, (0, 0)))
+        out_width = (width + sum(pads) - kernel) // stride + 1
+        if out_width < 1:
+            continue
+        expected = np.stack([np.einsum("kc,ock->o", padded[j * stride:j * stride + kernel], w[:, :, 0])
+                             for j in range(out_width)])
+        plan = column_fold(width, kernel, stride, pads, fold)
+        per_block = fold // stride
+        if width % fold or fold % stride or out_width % per_block:
+            assert plan is None
+            continue
+        folded_w, pad_begin, pad_end = folded_kernel(w, plan, fold)[:, :, 0], plan[1], plan[2]
+        blocks = np.pad(x.reshape(width // fold, fold * channels), ((pad_begin, pad_end), (0, 0)))
+        y = np.stack([np.einsum("kc,ock->o", blocks[j:j + plan[0]], folded_w)
+                      for j in range(blocks.shape[0] - plan[0] + 1)])
+        np.testing.assert_array_equal(y.reshape(out_width, outs), expected)
+        tried += 1
+    assert tried >= 2
 
 
 @pytest.mark.parametrize("channels_in", [1, 3])

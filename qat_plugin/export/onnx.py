@@ -41,9 +41,12 @@ from qat_plugin.export._qdq_graph import (
     clips_into_quantize,
     concats_as_qlinear,
     constants_as_dequantized,
+    fold_image_convs,
     identity_reshapes,
+    implied_weight_zero_points,
     max_pools_before_dequantize,
     pads_before_dequantize,
+    pooled_squeezes_channels_last,
     qdq_pairs,
     quantize_like_onnx,
     rewrite_qdq,
@@ -96,7 +99,12 @@ class OnnxExportReport:
             `float_compute` leaves those out).
         tensorrt: for `runtime="tensorrt"`, the `check_tensorrt` result
             (export raises if it found a problem).
-        widened_convs: for `runtime="onnxruntime"`, the Convs with fewer than
+        folded_convs: for `runtime="onnxruntime"`, the Convs that read the
+            model image (1 to 3 channels) on blocks of F columns taken as
+            F times the channels, and F (see `fold_image_convs`): exact;
+            onnxruntime's integer conv pays per output pixel, and the folded
+            conv has F/stride times fewer, each with that many more channels.
+        widened_convs: for `runtime="onnxruntime"`, the other Convs with fewer than
             4 input channels that got zero-weight extra ones (onnxruntime's
             integer convs are slow below 4), and how: `"MatMul"` (a float
             `[I | 0]` on the model input) or `"Pad"` (of the quantized tensor).
@@ -134,6 +142,7 @@ class OnnxExportReport:
     ort_kernels: dict[str, int] | None = None
     tensorrt: TensorRTCheck | None = None
     checked_on: str = "validation_data"
+    folded_convs: dict[str, int] = dataclasses.field(default_factory=dict)
     widened_convs: dict[str, str] = dataclasses.field(default_factory=dict)
     widened_depthwise: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -547,6 +556,7 @@ def export_onnx(
     floats = [n.input[0] for n in g.graph.node if n.op_type == "QuantizeLinear" and g.const(n.input[0]) is not None]
     if floats:
         raise ExportError(f"Weights {floats[:5]} could not be stored as int8 (an unexpected layout between Q and DQ).")
+    folded: dict[str, int] = {}
     widened: dict[str, str] = {}
     widened_depthwise: dict[str, int] = {}
     if runtime == "onnxruntime":
@@ -561,8 +571,11 @@ def export_onnx(
         concats_as_qlinear(proto)
         average_pools_as_depthwise_convs(proto)
         average_pools_in_float(proto)
+        widened_depthwise = widen_depthwise_convs(proto)  # first: it follows plain conv -> Q/DQ -> conv chains
+        folded = fold_image_convs(proto)
         widened = widen_narrow_convs(proto)
-        widened_depthwise = widen_depthwise_convs(proto)
+        pooled_squeezes_channels_last(proto)
+        implied_weight_zero_points(proto)
         _warn_if_saturating(model)
     try:
         onnx.checker.check_model(proto)  # tf2onnx leaves ops it couldn't convert in place
@@ -604,6 +617,7 @@ def export_onnx(
         ort_kernels=kernels,
         tensorrt=trt,
         checked_on=checked_on,
+        folded_convs=folded,
         widened_convs=widened,
         widened_depthwise=widened_depthwise,
     )
