@@ -161,18 +161,34 @@ def test_disagreeing_file_raises_and_is_kept(exported, digits, tmp_path, monkeyp
         verify_tflite(corrupted, exported["int8"].path, x_test, min_agreement=1.0)
 
 
-def test_layers_without_ranges_need_representative_data(digits, tmp_path):
-    x_train, *_ = digits
+def test_layers_without_ranges_take_them_from_the_calibration_sample(digits, tmp_path):
+    """An input Rescaling (as keras.applications' EfficientNet and MobileNetV3 have) and an excluded head have no
+    quantizer: in the process that calibrated the model, their ranges come from its calibration sample; a model
+    loaded from a file has none, and the error says to pass representative_data."""
+    x_train, _, x_test, _ = digits
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 1), name="image")
+    x = L.Rescaling(2.0, offset=-1.0, name="rescaling")(inp)
+    x = L.Conv2D(8, 3, activation="relu", name="conv")(x)
+    model = keras.Model(inp, L.Dense(10, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
     spec = qp.QuantizationSpec(exclude=["head"])
-    qmodel = qp.quantize_model(small_cnn(), spec, policy="tflite", calibration_data=x_train[:64])
-    path = tmp_path / "partial.tflite"
-    with pytest.raises(ExportError, match=r"FULLY_CONNECTED.*in float.*representative_data"):
-        export_tflite(qmodel, path)
+    qmodel = qp.quantize_model(model, spec, policy="tflite", calibration_data=x_train[:64])
+    assert not isinstance(qmodel.get_layer("rescaling"), qp.QuantizeWrapper)
+    report = export_tflite(qmodel, tmp_path / "partial.tflite", validation_data=x_test)
+    assert report.ranges_from == "calibration sample" and report.fully_int8, report.op_counts
+    assert report.op_histogram["FULLY_CONNECTED"] == 1 and report.agreement >= 0.95, report
+
+    qmodel.save(tmp_path / "partial.keras")
+    loaded = keras.saving.load_model(tmp_path / "partial.keras", safe_mode=True)
+    path = tmp_path / "loaded.tflite"
+    with pytest.raises(ExportError, match=r"FULLY_CONNECTED.*in float.*no calibration sample.*representative_data"):
+        export_tflite(loaded, path)
     assert path.exists()
-    report = export_tflite(
-        qmodel, path, representative_data=x_train[:64], validation_data=x_train[:64], min_agreement=0.9
-    )
-    assert report.fully_int8 and report.op_histogram["FULLY_CONNECTED"] == 1
+    report = export_tflite(loaded, path, representative_data=x_train[:64], validation_data=x_test, min_agreement=0.9)
+    assert report.ranges_from == "representative_data" and report.fully_int8
+
+    full = qp.quantize_model(small_cnn(), policy="tflite", calibration_data=x_train[:64])
+    assert export_tflite(full, tmp_path / "full.tflite").ranges_from == "quantizers"
 
 
 def test_multi_output_sequential_and_order(digits, tmp_path):

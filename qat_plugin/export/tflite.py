@@ -89,6 +89,13 @@ class TFLiteExportReport:
             model input's calibrated range, for a model loaded from a file;
             judged only by how far the outputs are from Keras's); `"none"`
             (inputs that can't be synthesized, e.g. integer ones: not checked).
+        ranges_from: where the int8 ranges came from: `"quantizers"` (the
+            model's own, every one); `"representative_data"` (the converter's
+            calibration on it, for tensors without a quantizer); `"calibration
+            sample"` (the same, on the inputs the model was calibrated on in
+            this process, when some tensors had no quantizer and no
+            `representative_data` was given: e.g. the input Rescaling of
+            keras.applications' EfficientNet and MobileNetV3).
 
     Example:
 
@@ -111,6 +118,7 @@ class TFLiteExportReport:
     num_samples: int = 0
     interpreter: str = ""
     checked_on: str = "validation_data"
+    ranges_from: str = "quantizers"
 
     @property
     def fully_int8(self) -> bool:
@@ -402,6 +410,16 @@ def _check_quantizers(model) -> bool:
     return bool(infos)
 
 
+def _write(model, path: str, representative, int8_io: bool, batch_size: int):
+    """Convert `model` into `path`; its interpreter (not allocated) and `_op_summary`."""
+    flatbuffer = _convert(model, representative, int8_io, batch_size)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(flatbuffer)
+    interpreter = _interpreter(path, allocate=False)
+    return interpreter, _op_summary(interpreter)
+
+
 def _representative(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     # Keyed by input name: a list would be matched to the file's inputs in
     # signature order, which is not the Keras model's. Batches, not single
@@ -462,8 +480,11 @@ def export_tflite(
         representative_data: inputs (an array, a list of arrays, or a dict by
             input name; a few hundred real samples) from which the converter
             sets the ranges of tensors without a quantizer. Required for an
-            FP32 model, and for a quantized one whose input or some layers
-            have no quantizer.
+            FP32 model. A quantized one whose input or some layers have no
+            quantizer (keras.applications' EfficientNet and MobileNetV3 scale
+            their input in a Rescaling layer) takes those ranges from its
+            calibration sample when this is None (`report.ranges_from`), and
+            needs it only when loaded from a file.
         validation_data: inputs in the same forms the file is run on and
             compared with `model.predict` (see `verify_tflite`). Without it
             the file is still checked: on the model's calibration sample (the
@@ -490,7 +511,8 @@ def export_tflite(
         ValueError: a bad argument, or an FP32 model without `representative_data`.
         ExportError: an activation range is uncalibrated or has fewer than 8
             bits, the converter failed, ops stayed in float for lack of
-            `representative_data`, or the file disagrees with the Keras model
+            `representative_data` or a calibration sample, or the file
+            disagrees with the Keras model
             (the file is kept for inspection).
 
     Warns:
@@ -531,19 +553,24 @@ def export_tflite(
             "qat_plugin.quantize_model(model, policy='tflite', calibration_data=...)."
         )
 
-    flatbuffer = _convert(model, representative, int8_io, batch_size)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(flatbuffer)
-
-    interpreter = _interpreter(path, allocate=False)
-    num_ops, num_int8, float_ops, counts = _op_summary(interpreter)
+    ranges_from = "quantizers" if representative is None else "representative_data"
+    interpreter, (num_ops, num_int8, float_ops, counts) = _write(model, path, representative, int8_io, batch_size)
     if float_ops and representative is None:
-        raise ExportError(
-            f"The TFLite file {path} (kept for inspection) still computes {sorted(set(float_ops))} in float: "
-            "some tensors have no quantizer (the model input, or layers outside a QuantizeWrapper), so the "
-            "converter had no range for them. Pass representative_data=x_train[:500]."
-        )
+        from qat_plugin.calibration import calibration_sample
+
+        sample = calibration_sample(model)
+        if sample is None:
+            raise ExportError(
+                f"The TFLite file {path} (kept for inspection) still computes {sorted(set(float_ops))} in float: "
+                "some tensors have no quantizer (the model input, or layers outside a QuantizeWrapper, such as "
+                "a Rescaling or Normalization layer at the input), so the converter had no range for them, and "
+                f"model {model.name!r} keeps no calibration sample to take them from (it was loaded from a file, "
+                "or never calibrated in this process). Pass representative_data=x_train[:500]."
+            )
+        # Those tensors (e.g. keras.applications' own input Rescaling) take their ranges from the inputs the
+        # model was calibrated on, as every other tensor did.
+        representative, ranges_from = {t.name: a for t, a in zip(inputs, sample)}, "calibration sample"
+        interpreter, (num_ops, num_int8, float_ops, counts) = _write(model, path, representative, int8_io, batch_size)
     in_dtypes = {np.dtype(d["dtype"]).name for d in interpreter.get_input_details()}
     out_dtypes = {np.dtype(d["dtype"]).name for d in interpreter.get_output_details()}
     what = f"The TFLite file {path}"
@@ -577,4 +604,5 @@ def export_tflite(
         num_samples=n,
         interpreter=_interpreter_name(interpreter),
         checked_on=checked_on,
+        ranges_from=ranges_from,
     )
