@@ -298,13 +298,18 @@ def test_pads_before_dequantize_is_exact():
     assert before.shape == (1, 2, 6, 6) and np.all(before[:, :, 0] == 0)
 
 
-@pytest.mark.parametrize("size, folded", [(12, True), (14, False)])
-def test_rgb_input_conv_is_folded_or_else_widened_by_a_matmul(tmp_path, monkeypatch, size, folded):
+@pytest.mark.parametrize("size, padded, folded", [(12, False, (16, 12, 3, 2)), (14, False, None), (12, True, (16, 12, 7, 3))])
+def test_rgb_input_conv_is_folded_or_else_widened_by_a_matmul(tmp_path, monkeypatch, size, padded, folded):
     """A stride-2 RGB stem reads the image in blocks of 4 columns (12 channels) where 4 divides the width,
-    else the image widened to 4 channels by a MatMul with [I | 0]; either way the same numbers as without."""
+    else the image widened to 4 channels by a MatMul with [I | 0]; either way the same numbers as without.
+    ResNet's stem, a ZeroPadding2D and a 7x7 conv, folds too: the padding goes into the folded conv's."""
     keras.utils.set_random_seed(5)
     inp = keras.Input((size, size, 3))
-    x = L.ReLU(name="r0")(L.Conv2D(8, 3, strides=2, padding="same", name="stem")(inp))
+    if padded:
+        x = L.Conv2D(8, 7, strides=2, name="stem")(L.ZeroPadding2D(3, name="stem_pad")(inp))
+    else:
+        x = L.Conv2D(8, 3, strides=2, padding="same", name="stem")(inp)
+    x = L.ReLU(name="r0")(x)
     model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(L.Conv2D(8, 1, name="c1")(x))))
     data = np.random.rand(64, size, size, 3).astype("float32")
     qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data)
@@ -315,8 +320,9 @@ def test_rgb_input_conv_is_folded_or_else_widened_by_a_matmul(tmp_path, monkeypa
     if folded:
         assert list(report.folded_convs.values()) == [4] and report.widened_convs == {}
         assert "MatMul" not in report.ort_kernels and report.ort_kernels["Reshape"] == 2, report.ort_kernels
-        # 2 outputs per block of 4 columns, 3 taps at stride 2 over 2 blocks.
-        assert any(w.dtype == np.int8 and w.shape == (16, 12, 3, 2) for w in weights)
+        # 2 outputs per block of 4 columns: 3 taps at stride 2 over 2 blocks, or 7 over 3.
+        assert any(w.dtype == np.int8 and w.shape == folded for w in weights)
+        assert "Pad" not in report.ort_kernels, report.ort_kernels
     else:
         assert report.folded_convs == {} and list(report.widened_convs.values()) == ["MatMul"]
         assert report.ort_kernels["MatMul"] == 1
