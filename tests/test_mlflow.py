@@ -183,10 +183,11 @@ def test_a_dead_server_costs_one_warning_and_nothing_is_lost(digits, tmp_path):
         ours = [w for w in caught if "MLflow" in str(w.message)]
         assert len(ours) == 1 and "replay(" in str(ours[0].message), [str(w.message) for w in caught]
         # The end of training (an evaluation, a .keras file) waits for MLflow at most flush_timeout (20 s), and
-        # the epochs never wait for it (MLflow's own retries take minutes). The bounds are loose because the
-        # other test worker shares the two cores.
+        # the epochs never wait for it: one request MLflow retries (7 times, backing off from 2 s) would
+        # stall them for 4 minutes. The bounds are loose because the other test worker shares the two cores:
+        # alone the epochs take 14 s here against a 4 s baseline, and 74 s in one CI run (baseline 2 s).
         assert len(waits) == 1 and waits[0] < 20 + 20, waits
-        assert elapsed - sum(waits) < 4 * baseline + 60, (elapsed, waits, baseline)
+        assert elapsed - sum(waits) < 4 * baseline + 120, (elapsed, waits, baseline)
         journal = next((tmp_path / "art").glob(f"*/{JOURNAL}"))
         assert journal.exists()
         server.start()  # the server comes back; send what it missed
