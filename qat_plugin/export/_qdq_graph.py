@@ -476,6 +476,15 @@ def to_uint8_activations(model_proto) -> int:
     return changed
 
 
+def _zero_pad(g: _Graph, pad) -> bool:
+    """Whether a Pad pads with constant zeros on every axis it names (no opset-18 `axes`, which tf2onnx
+    doesn't write)."""
+    value = g.const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(())
+    if _attr(pad, "mode", b"constant") != b"constant" or value is None or np.any(value != 0):
+        return False
+    return not (len(pad.input) > 3 and pad.input[3])
+
+
 def pads_before_dequantize(model_proto) -> int:
     """Move every zero-padding Pad that reads a per-tensor DequantizeLinear in front of it: exact.
 
@@ -500,15 +509,10 @@ def pads_before_dequantize(model_proto) -> int:
     moved = 0
     for pad in [n for n in g.graph.node if n.op_type == "Pad"]:
         dq = _per_tensor_dq(g, pad.input[0])
-        if dq is None or _attr(pad, "mode", b"constant") != b"constant":
+        if dq is None or not _zero_pad(g, pad):
             continue
         if any(node.op_type == "Conv" for node, _ in g.consumers.get(pad.output[0], [])):
             continue  # DQ -> Pad -> Conv: onnxruntime folds the pad into its integer conv's own padding
-        value = g.const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(())
-        if value is None or np.any(value != 0):
-            continue
-        if len(pad.input) > 3 and pad.input[3]:  # opset 18's `axes`: not written by tf2onnx, left alone
-            continue
         pads = pad.input[1]
         del pad.input[1:]
         pad.input.extend([pads, g.add_init("pad_zero_point", g.const(dq.input[2]).reshape(()))])
@@ -1101,10 +1105,7 @@ def pooled_squeezes_channels_last(model_proto) -> int:
 def _spatial_zero_pads(g: _Graph, pad, rank: int) -> tuple[int, ...] | None:
     """`(begins..., ends...)` of a constant-zero Pad of a channels-last tensor that pads only its spatial axes."""
     amounts = g.const(pad.input[1]) if len(pad.input) > 1 else None
-    value = g.const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
-    if _attr(pad, "mode", b"constant") != b"constant" or (len(pad.input) > 3 and pad.input[3]):
-        return None
-    if amounts is None or value is None or value.size != 1 or value.reshape(-1)[0] != 0 or amounts.size != 2 * rank:
+    if not _zero_pad(g, pad) or amounts is None or amounts.size != 2 * rank:
         return None
     begins, ends = [int(v) for v in amounts[:rank]], [int(v) for v in amounts[rank:]]
     if min(begins + ends) < 0 or begins[0] or ends[0] or begins[-1] or ends[-1]:
