@@ -298,28 +298,41 @@ def test_pads_before_dequantize_is_exact():
     assert before.shape == (1, 2, 6, 6) and np.all(before[:, :, 0] == 0)
 
 
-@pytest.mark.parametrize("size, padded, folded", [(12, False, (16, 12, 3, 2)), (14, False, None), (12, True, (16, 12, 7, 3))])
-def test_rgb_input_conv_is_folded_or_else_widened_by_a_matmul(tmp_path, monkeypatch, size, padded, folded):
+@pytest.mark.parametrize("size, stem, folded", [
+    (12, "same", (16, 12, 3, 2)), (14, "same", None), (12, "zero_pad", (16, 12, 7, 3)),
+    (12, "preprocessed", (16, 12, 3, 2)), (14, "preprocessed", None),
+])
+def test_rgb_input_conv_is_folded_or_else_widened_by_a_matmul(tmp_path, monkeypatch, size, stem, folded):
     """A stride-2 RGB stem reads the image in blocks of 4 columns (12 channels) where 4 divides the width,
     else the image widened to 4 channels by a MatMul with [I | 0]; either way the same numbers as without.
-    ResNet's stem, a ZeroPadding2D and a 7x7 conv, folds too: the padding goes into the folded conv's."""
+    ResNet's stem, a ZeroPadding2D and a 7x7 conv, folds too: the padding goes into the folded conv's; and
+    a stem after float preprocessing (Rescaling and Normalization, as in EfficientNet) reads its output."""
     keras.utils.set_random_seed(5)
     inp = keras.Input((size, size, 3))
-    if padded:
+    data = np.random.rand(64, size, size, 3).astype("float32")
+    if stem == "zero_pad":
         x = L.Conv2D(8, 7, strides=2, name="stem")(L.ZeroPadding2D(3, name="stem_pad")(inp))
     else:
-        x = L.Conv2D(8, 3, strides=2, padding="same", name="stem")(inp)
+        x = inp
+        if stem == "preprocessed":
+            data *= 255
+            norm = L.Normalization(mean=[0.485, 0.456, 0.406], variance=[0.05, 0.05, 0.06], name="norm")
+            x = norm(L.Rescaling(1 / 255, name="rescale")(x))
+        x = L.Conv2D(8, 3, strides=2, padding="same", name="stem")(x)
     x = L.ReLU(name="r0")(x)
     model = keras.Model(inp, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(L.Conv2D(8, 1, name="c1")(x))))
-    data = np.random.rand(64, size, size, 3).astype("float32")
     qmodel = qp.quantize_model(model, policy="onnxruntime", calibration_data=data)
     report = qp.export_onnx(qmodel, tmp_path / "rgb.onnx", validation_data=data)
-    assert report.float_compute == [] and report.ort_kernels["QLinearConv"] == 2, report
+    # The preprocessing stays float (its Add is the only float compute), before the fold or the widening.
+    assert report.float_compute == (["Add"] if stem == "preprocessed" else []), report.ort_kernels
+    assert report.ort_kernels["QLinearConv"] == 2, report
     proto = onnx.load(report.path)
     weights = list(map(onnx.numpy_helper.to_array, proto.graph.initializer))
     if folded:
         assert list(report.folded_convs.values()) == [4] and report.widened_convs == {}
-        assert "MatMul" not in report.ort_kernels and report.ort_kernels["Reshape"] == 2, report.ort_kernels
+        # The fold's two Reshapes; the preprocessing's rows (`channel_constants_on_rows`) add one, the fold reads them.
+        reshapes = 2 + (stem == "preprocessed")
+        assert "MatMul" not in report.ort_kernels and report.ort_kernels["Reshape"] == reshapes, report.ort_kernels
         # 2 outputs per block of 4 columns: 3 taps at stride 2 over 2 blocks, or 7 over 3.
         assert any(w.dtype == np.int8 and w.shape == folded for w in weights)
         assert "Pad" not in report.ort_kernels, report.ort_kernels
@@ -816,3 +829,52 @@ def test_depthwise_convs_are_widened_to_16_channels_exactly(tmp_path, monkeypatc
     narrow = qp.export_onnx(qmodel, tmp_path / "narrow.onnx", validation_data=data)
     assert narrow.widened_depthwise == {}
     np.testing.assert_array_equal(qp.run_onnx(report.path, data), qp.run_onnx(narrow.path, data))
+
+
+def test_channel_constants_run_on_rows(tmp_path):
+    """Float ops with a (1, 1, 1, C) constant on a narrow channels-last image (a Rescaling and a
+    Normalization) run on its (N, H, W*C) rows, each chain between one Reshape and its inverse, with the
+    same results to the bit; wide channels, constants that expand the tensor, and a chain's other readers
+    keep theirs."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qat_plugin.export._qdq_graph import channel_constants_on_rows
+
+    rng = np.random.default_rng(3)
+    consts = {
+        "scale": np.float32(1 / 255), "mean": rng.normal(size=(1, 1, 1, 3)).astype(np.float32),
+        "std": rng.uniform(0.5, 2, (1, 1, 1, 3)).astype(np.float32), "one": np.ones((1, 1, 1, 1), np.float32),
+        "rows": rng.normal(size=(1, 6, 1, 1)).astype(np.float32), "wide": rng.normal(size=(32,)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Mul", ["x", "scale"], ["a"]),
+        helper.make_node("Sub", ["mean", "a"], ["b"]),  # the constant first: its order is kept
+        helper.make_node("Div", ["b", "std"], ["c"]),
+        helper.make_node("Add", ["c", "one"], ["y"]),
+        helper.make_node("Mul", ["c", "rows"], ["per_row"]),  # a second reader of `c`: the chain ends there
+        helper.make_node("Add", ["w", "wide"], ["w_out"]),  # 32 channels: vector-wide already
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 5, 3]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, ["N", 4, 4, 32])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y", "per_row", "w_out")],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": rng.uniform(0, 255, (2, 6, 5, 3)).astype(np.float32), "w": rng.normal(size=(2, 4, 4, 32)).astype(np.float32)}
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)  # noqa: E731
+    before = run(proto)
+    # Mul, Sub, Div form one chain (`c` has two readers); Add(c, one) starts a chain of only a scalar, left as is.
+    assert channel_constants_on_rows(proto) == 3
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("Reshape") == 2 and ops.count("Add") == 2, ops
+    shapes = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    reshapes = [n for n in proto.graph.node if n.op_type == "Reshape"]
+    assert reshapes[0].input[0] == "x" and list(shapes[reshapes[0].input[1]]) == [0, 6, 15]
+    assert list(shapes[reshapes[1].input[1]]) == [0, 6, 5, 3]
+    sub = next(n for n in proto.graph.node if n.op_type == "Sub")
+    np.testing.assert_array_equal(shapes[sub.input[0]], np.tile(consts["mean"].ravel(), 5))
+    for got, want in zip(run(proto), before):
+        np.testing.assert_array_equal(got, want)

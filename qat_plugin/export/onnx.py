@@ -38,6 +38,7 @@ from qat_plugin.export._qdq_graph import (
     average_pools_as_depthwise_convs,
     average_pools_in_float,
     biases_into_convs,
+    channel_constants_on_rows,
     clips_into_quantize,
     concats_as_qlinear,
     constants_as_dequantized,
@@ -100,7 +101,8 @@ class OnnxExportReport:
         tensorrt: for `runtime="tensorrt"`, the `check_tensorrt` result
             (export raises if it found a problem).
         folded_convs: for `runtime="onnxruntime"`, the Convs that read the
-            model image (1 to 3 channels) on blocks of F columns taken as
+            model image (1 to 3 channels; as it comes in, or after float
+            preprocessing such as a `Rescaling`) on blocks of F columns taken as
             F times the channels, and F (see `fold_image_convs`): exact;
             onnxruntime's integer conv pays per output pixel, and the folded
             conv has F/stride times fewer, each with that many more channels.
@@ -577,6 +579,7 @@ def export_onnx(
         pooled_squeezes_channels_last(proto)
         implied_weight_zero_points(proto)
         _warn_if_saturating(model)
+    channel_constants_on_rows(proto)  # float preprocessing, for every runtime
     try:
         onnx.checker.check_model(proto)  # tf2onnx leaves ops it couldn't convert in place
     except onnx.checker.ValidationError as e:
