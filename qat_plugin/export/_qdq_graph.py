@@ -686,7 +686,7 @@ def average_pools_as_depthwise_convs(model_proto) -> int:
     from onnx import helper
 
     g = _Graph(model_proto.graph)
-    shapes: dict[str, list] | None = None
+    shapes = _shapes_once(model_proto)
     changed = 0
     for pool, dq, _, kernel, strides, pads in _pools_between_qdq(g):
         dq_scale, dq_zero_point = g.const(dq.input[1]), g.const(dq.input[2]) if len(dq.input) > 2 else None
@@ -696,8 +696,7 @@ def average_pools_as_depthwise_convs(model_proto) -> int:
             continue
         if any(pads) and not _attr(pool, "count_include_pad", 0):
             continue
-        shapes = _inferred_shapes(model_proto) if shapes is None else shapes
-        channels = (shapes.get(pool.input[0]) or [None, None])[1]
+        channels = (shapes().get(pool.input[0]) or [None, None])[1]
         if not channels:
             continue
         weight = g.fresh(pool.name + "_weight")
@@ -756,6 +755,12 @@ def _inferred_shapes(model_proto, elem_type: int | None = None) -> dict[str, lis
     }
 
 
+def _shapes_once(model_proto, elem_type: int | None = None):
+    """`_inferred_shapes` as a function that infers them on its first call only (a pass that finds nothing
+    to rewrite never pays for shape inference)."""
+    return functools.cache(lambda: _inferred_shapes(model_proto, elem_type))
+
+
 def _pool_counts(spatial: list[int], kernel: list[int], strides: list[int], pads: list[int]) -> np.ndarray:
     """How many input elements (not padding) each output of an AveragePool averages."""
     n = len(spatial)
@@ -794,7 +799,7 @@ def average_pools_in_float(model_proto) -> int:
     from onnx import helper
 
     g = _Graph(model_proto.graph)
-    shapes: dict[str, list] | None = None
+    shapes = _shapes_once(model_proto)
     kept = 0
     for pool, _, q, kernel, strides, pads in _pools_between_qdq(g):
         n = len(kernel)
@@ -802,8 +807,7 @@ def average_pools_in_float(model_proto) -> int:
         if q_scale is None:
             continue
         if any(pads) and not _attr(pool, "count_include_pad", 0):
-            shapes = _inferred_shapes(model_proto) if shapes is None else shapes
-            spatial = (shapes.get(pool.input[0]) or [None])[2:]
+            spatial = (shapes().get(pool.input[0]) or [None])[2:]
             if len(spatial) != n or None in spatial:
                 continue
             scale = (2 * np.prod(kernel) / _pool_counts(spatial, kernel, strides, pads)).astype(np.float32)
@@ -1034,19 +1038,18 @@ def identity_reshapes(model_proto) -> int:
     20
     """
     g = _Graph(model_proto.graph)
-    shapes = None
+    shapes = _shapes_once(model_proto)
     bypassed = 0
     for node in [n for n in g.graph.node if n.op_type == "Reshape"]:
         if node.output[0] in g.outputs:
             continue
-        shapes = _inferred_shapes(model_proto) if shapes is None else shapes
-        out = shapes.get(node.output[0])
+        out = shapes().get(node.output[0])
         if not out or None in out[1:]:
             continue
         # Same static dims, same element count: the same batch too.
         source, found = node.input[0], None
         while True:
-            if shapes.get(source) == out:
+            if shapes().get(source) == out:
                 found = source
             producer = g.producer.get(source)
             if producer is None or producer.op_type not in ("Reshape", "Squeeze", "Unsqueeze", "Flatten"):
@@ -1088,10 +1091,10 @@ def channel_constants_on_rows(model_proto, narrow: int = 16) -> int:
     >>> channel_constants_on_rows(onnx.load("efficientnetb0.onnx"))  # doctest: +SKIP
     3
     """
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     g = _Graph(model_proto.graph)
-    shapes = _float_shapes(model_proto)
+    shapes = _shapes_once(model_proto, TensorProto.FLOAT)
 
     def row_op(node):
         """`(tensor input index, constant)` where `node` is an op of a chain, else None."""
@@ -1173,7 +1176,7 @@ def pooled_squeezes_channels_last(model_proto) -> int:
     from onnx import helper
 
     g = _Graph(model_proto.graph)
-    shapes = None
+    shapes = _shapes_once(model_proto)
     rewritten = 0
     for squeeze in [n for n in g.graph.node if n.op_type == "Squeeze" and len(n.input) > 1]:
         pool, axes = g.producer.get(squeeze.input[0]), g.const(squeeze.input[1])
@@ -1181,8 +1184,7 @@ def pooled_squeezes_channels_last(model_proto) -> int:
             continue
         if _per_tensor_dq(g, pool.input[0]) is None or _sole_quantize(g, squeeze.output[0]) is None:
             continue  # a float pool stays NCHW in onnxruntime: the Transpose would be a real one
-        shapes = _inferred_shapes(model_proto) if shapes is None else shapes
-        rank = len(shapes.get(squeeze.input[0]) or [])
+        rank = len(shapes().get(squeeze.input[0]) or [])
         if rank != 4 or sorted(int(a) % rank for a in axes) != [2, 3]:
             continue
         nhwc = g.fresh(f"{squeeze.name}_nhwc")
@@ -1295,13 +1297,6 @@ def folded_kernel(w: np.ndarray, plan, fold: int) -> np.ndarray:
     return folded
 
 
-def _float_shapes(model_proto):
-    """`_inferred_shapes` of the float tensors, as a function that infers them once, on its first call."""
-    from onnx import TensorProto
-
-    return functools.cache(lambda: _inferred_shapes(model_proto, TensorProto.FLOAT))
-
-
 def _image_conv(g: _Graph, conv, channels: int, shapes):
     """`(x_dq, w_dq, w, w_scale, route or None)` for an integer Conv with fewer than `channels` input
     channels and a per-tensor input (`_image_route`'s route when it reads a float channels-last image), else
@@ -1352,10 +1347,10 @@ def fold_image_convs(model_proto, channels: int = 4, max_fold: int = 8) -> dict[
     >>> fold_image_convs(onnx.load("model.onnx"))  # doctest: +SKIP
     {'model_1/conv1_1/convolution': 4}
     """
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     g = _Graph(model_proto.graph)
-    shapes = _float_shapes(model_proto)
+    shapes = _shapes_once(model_proto, TensorProto.FLOAT)
     folded: dict[str, int] = {}
     for conv in [n for n in g.graph.node if n.op_type == "Conv"]:
         found = _image_conv(g, conv, channels, shapes)
@@ -1459,10 +1454,10 @@ def widen_narrow_convs(model_proto, channels: int = 4) -> dict[str, str]:
     >>> widen_narrow_convs(onnx.load("model.onnx"))  # doctest: +SKIP
     {'model_1/conv1_1/convolution': 'MatMul'}
     """
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     g = _Graph(model_proto.graph)
-    shapes = _float_shapes(model_proto)
+    shapes = _shapes_once(model_proto, TensorProto.FLOAT)
     widened: dict[str, str] = {}
     for conv in [n for n in g.graph.node if n.op_type == "Conv"]:
         found = _image_conv(g, conv, channels, shapes)
